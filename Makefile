@@ -1,0 +1,37 @@
+# keel: `make run` starts every service on SQLite; `make test` lints and runs the whole suite.
+# Both install what they need: uv (into .tools/ if it is not on PATH), then the locked dependencies.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+RUN := $(UV) run --frozen
+
+.PHONY: install run test lint format bench clean
+
+.tools/bin/uv:
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet uv
+
+install: $(if $(filter .tools/bin/uv,$(UV)),.tools/bin/uv)
+	$(UV) sync --frozen --quiet
+
+run: install
+	$(RUN) keel run
+
+lint: install
+	$(RUN) ruff check src tests
+	$(RUN) ruff format --check src tests
+	$(RUN) mypy
+
+format: install
+	$(RUN) ruff check --fix src tests
+	$(RUN) ruff format src tests
+
+test: lint
+	$(RUN) pytest $(PYTEST_ARGS)
+
+bench: install
+	$(RUN) keel bench ledger $(BENCH_ARGS)
+
+clean:
+	rm -rf .venv .tools data .pytest_cache .mypy_cache .ruff_cache

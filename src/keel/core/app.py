@@ -1,0 +1,189 @@
+"""The one way a keel service becomes an ASGI app.
+
+:func:`create_service_app` wires what every service shares: the problem-JSON error handler, body
+limit, request-id logging and metrics, ``/health``, ``/ready`` and ``/metrics``. Engines, pools and
+workers are created in the lifespan and kept on ``app.state.platform``; nothing happens at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from starlette.responses import JSONResponse, Response
+
+from keel import __version__
+from keel.core.auth import ApiKey, ApiKeyVerifier, Scope
+from keel.core.database import Database
+from keel.core.errors import install_error_handlers
+from keel.core.idempotency import Idempotency
+from keel.core.limits import BodyLimit
+from keel.core.migrate import pending_migrations
+from keel.core.observability import RequestObservation, configure_logging, metrics_response
+from keel.core.ratelimit import RateLimiter
+from keel.core.settings import ServiceSettings
+
+log = logging.getLogger("keel")
+
+HealthProbe = Callable[["Platform"], Awaitable[dict[str, Any]]]
+Workers = Callable[["Platform"], AbstractAsyncContextManager[None]]
+
+
+@dataclass
+class Platform:
+    """Everything a running service holds: built in the lifespan, closed there."""
+
+    settings: ServiceSettings
+    database: Database
+    api_keys: ApiKeyVerifier
+    rate_limiter: RateLimiter
+    idempotency: Idempotency
+    services: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What a service adds to the platform."""
+
+    name: str
+    title: str
+    description: str
+    routers: list[APIRouter]
+    workers: Workers | None = None  # background work started and stopped with the app
+    health: HealthProbe | None = None  # extra fields for GET /health
+
+
+def platform(request: Request) -> Platform:
+    """The running service's platform (a FastAPI dependency)."""
+    value: Platform = request.app.state.platform
+    return value
+
+
+PlatformDep = Annotated[Platform, Depends(platform)]
+
+
+def require(scope: Scope) -> Callable[..., Awaitable[ApiKey]]:
+    """A dependency that authenticates the caller, checks ``scope`` and counts the rate limit."""
+
+    async def authenticated(request: Request) -> ApiKey:
+        plat: Platform = request.app.state.platform
+        key = await plat.api_keys.authenticate(request.headers, scope)
+        await plat.rate_limiter.check(str(key.id))
+        request.state.api_key = key
+        return key
+
+    authenticated.__name__ = f"require_{scope.value}"
+    return authenticated
+
+
+ReadKey = Annotated[ApiKey, Depends(require(Scope.READ))]
+WriteKey = Annotated[ApiKey, Depends(require(Scope.WRITE))]
+AdminKey = Annotated[ApiKey, Depends(require(Scope.ADMIN))]
+
+
+def _system_router(spec: ServiceSpec) -> APIRouter:
+    router = APIRouter(tags=["system"])
+
+    @router.get("/health", summary="Liveness and a status summary")
+    async def health(plat: PlatformDep) -> JSONResponse:
+        body: dict[str, Any] = {"status": "ok", "service": spec.name, "version": __version__}
+        try:
+            await plat.database.ping()
+            body["database"] = {"status": "ok", "dialect": plat.database.dialect}
+        except Exception as exc:  # health reports the failure rather than failing itself
+            body["status"] = "degraded"
+            body["database"] = {"status": "down", "error": type(exc).__name__}
+        if spec.health is not None and body["database"]["status"] == "ok":
+            body.update(await spec.health(plat))
+        return JSONResponse(body)
+
+    @router.get("/ready", summary="503 until the database is reachable and migrated")
+    async def ready(plat: PlatformDep) -> JSONResponse:
+        try:
+            pending = await pending_migrations(plat.database, spec.name)
+        except Exception as exc:
+            return _not_ready(f"database unreachable: {type(exc).__name__}")
+        if pending:
+            return _not_ready(
+                f"migrations pending for: {', '.join(pending)}; run `keel db upgrade`"
+            )
+        return JSONResponse({"status": "ready"})
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return metrics_response()
+
+    return router
+
+
+def _not_ready(detail: str) -> JSONResponse:
+    body = {
+        "type": "https://keel.dev/problems/not-ready",
+        "title": "Not ready",
+        "status": 503,
+        "detail": detail,
+        "code": "not_ready",
+    }
+    return JSONResponse(body, status_code=503, media_type="application/problem+json")
+
+
+async def _purge_idempotency_keys(plat: Platform) -> None:
+    while True:
+        try:
+            async with plat.database.write() as conn:
+                removed = await plat.idempotency.store.purge_expired(conn)
+            if removed:
+                log.info("purged %d expired idempotency keys", removed)
+        except Exception:
+            log.exception("idempotency purge failed; will retry")
+        await asyncio.sleep(600)
+
+
+def create_service_app(spec: ServiceSpec, settings: ServiceSettings) -> FastAPI:
+    """Build a service's ASGI app."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.log_format, settings.log_level)
+        database = Database.from_settings(settings)
+        plat = Platform(
+            settings=settings,
+            database=database,
+            api_keys=ApiKeyVerifier(database, settings.api_key_cache_seconds),
+            rate_limiter=RateLimiter(settings.rate_limit, settings.redis_url, spec.name),
+            idempotency=Idempotency(spec.name, timedelta(hours=settings.idempotency_ttl_hours)),
+        )
+        app.state.platform = plat
+        purge = asyncio.create_task(_purge_idempotency_keys(plat))
+        try:
+            if spec.workers is None:
+                yield
+            else:
+                async with spec.workers(plat):
+                    yield
+        finally:
+            purge.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purge
+            await database.dispose()
+
+    app = FastAPI(
+        title=f"keel {spec.title}",
+        description=spec.description,
+        version=__version__,
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(_system_router(spec))
+    for router in spec.routers:
+        app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestObservation, service=spec.name, log_requests=settings.access_log)
+    return app

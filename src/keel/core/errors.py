@@ -1,0 +1,226 @@
+"""Domain errors and their one rendering: RFC 9457 ``application/problem+json``.
+
+Hierarchy::
+
+    KeelError                      (500 internal_error)
+    ├── BadRequest                 (400 bad_request)
+    │   ├── InvalidCursor          (400 invalid_cursor)
+    │   └── InvalidIdempotencyKey  (400 invalid_idempotency_key)
+    ├── Unauthorized               (401 unauthorized)
+    ├── Forbidden                  (403 forbidden)
+    ├── NotFound                   (404 not_found)
+    ├── Conflict                   (409 conflict)
+    │   └── IdempotencyKeyInUse    (409 idempotency_key_in_use)
+    ├── PayloadTooLarge            (413 payload_too_large)
+    ├── UnprocessableEntity        (422 unprocessable)
+    │   └── IdempotencyKeyReused   (422 idempotency_key_reused)
+    ├── RateLimited                (429 rate_limited, Retry-After)
+    └── ServiceUnavailable         (503 service_unavailable)
+
+Services subclass these with their own ``code`` (``insufficient_funds``, ``sold_out``, …).
+Routes raise; :func:`install_error_handlers` renders. No route builds error JSON by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+PROBLEM_JSON = "application/problem+json"
+log = logging.getLogger("keel.errors")
+
+
+class KeelError(Exception):
+    """Base of every error keel reports to a client."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    title: ClassVar[str] = "Internal server error"
+
+    def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None) -> None:
+        self.detail = detail or self.title
+        self.headers = headers or {}
+        super().__init__(self.detail)
+
+
+class BadRequest(KeelError):
+    status, code, title = 400, "bad_request", "Bad request"
+
+
+class InvalidCursor(BadRequest):
+    code, title = "invalid_cursor", "Invalid pagination cursor"
+
+
+class InvalidIdempotencyKey(BadRequest):
+    code, title = "invalid_idempotency_key", "Invalid Idempotency-Key header"
+
+
+class Unauthorized(KeelError):
+    status, code, title = 401, "unauthorized", "Missing or invalid API key"
+
+
+class Forbidden(KeelError):
+    status, code, title = 403, "forbidden", "API key lacks the required scope"
+
+
+class NotFound(KeelError):
+    status, code, title = 404, "not_found", "Not found"
+
+
+class Conflict(KeelError):
+    status, code, title = 409, "conflict", "Conflict"
+
+
+class IdempotencyKeyInUse(Conflict):
+    code, title = "idempotency_key_in_use", "A request with this Idempotency-Key is in flight"
+
+
+class PayloadTooLarge(KeelError):
+    status, code, title = 413, "payload_too_large", "Request body too large"
+
+
+class UnprocessableEntity(KeelError):
+    status, code, title = 422, "unprocessable", "Unprocessable request"
+
+
+class IdempotencyKeyReused(UnprocessableEntity):
+    code, title = "idempotency_key_reused", "Idempotency-Key was used with a different request"
+
+
+class RateLimited(KeelError):
+    status, code, title = 429, "rate_limited", "Rate limit exceeded"
+
+
+class ServiceUnavailable(KeelError):
+    status, code, title = 503, "service_unavailable", "Service unavailable"
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    code, title = "database_unavailable", "Database unavailable"
+
+
+class ProblemDetail(BaseModel):
+    """The RFC 9457 problem document every error response carries."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    errors: list[dict[str, Any]] | None = None
+
+
+def problem_response(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    *,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """Render one problem document."""
+    body: dict[str, Any] = {
+        "type": f"https://keel.dev/problems/{code.replace('_', '-')}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if errors is not None:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def render(error: KeelError) -> Response:
+    return problem_response(
+        error.status, error.code, error.title, error.detail, headers=error.headers
+    )
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    return [
+        {"loc": [str(part) for part in err.get("loc", ())], "msg": str(err.get("msg", ""))}
+        for err in exc.errors()
+    ]
+
+
+async def _on_keel_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, KeelError)
+    return render(exc)
+
+
+async def _on_validation_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = _validation_errors(exc)
+    if any(err.get("type") == "json_invalid" for err in exc.errors()):
+        return problem_response(
+            400,
+            "invalid_json",
+            "Malformed JSON",
+            "The request body is not valid JSON.",
+            errors=errors,
+        )
+    return problem_response(
+        422,
+        "validation_error",
+        "Invalid request",
+        "The request failed validation.",
+        errors=errors,
+    )
+
+
+_HTTP_CODES = {
+    404: ("not_found", "Not found"),
+    405: ("method_not_allowed", "Method not allowed"),
+    413: ("payload_too_large", "Request body too large"),
+}
+
+
+async def _on_http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code, title = _HTTP_CODES.get(exc.status_code, ("http_error", "HTTP error"))
+    return problem_response(
+        exc.status_code, code, title, str(exc.detail), headers=dict(exc.headers or {})
+    )
+
+
+async def _on_database_down(_request: Request, exc: Exception) -> Response:
+    log.warning("database unavailable: %s", exc)
+    return render(
+        DatabaseUnavailable("The database is unavailable; retry.", headers={"Retry-After": "1"})
+    )
+
+
+async def _on_unexpected(_request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return problem_response(500, "internal_error", "Internal server error", "Unexpected error.")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error, ours or the framework's, through the problem renderer."""
+    app.add_exception_handler(KeelError, _on_keel_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    for down in (OperationalError, InterfaceError, ConnectionError):
+        app.add_exception_handler(down, _on_database_down)
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+def problem_responses(*errors: type[KeelError]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries documenting which problems a route can return."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for err in errors:
+        entry = out.setdefault(
+            err.status,
+            {"model": ProblemDetail, "description": "", "content": {PROBLEM_JSON: {}}},
+        )
+        entry["description"] = ", ".join(filter(None, [entry["description"], f"`{err.code}`"]))
+    return out

@@ -1,0 +1,209 @@
+"""The ledger's HTTP routes (contract: DESIGN.md, "ledger")."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from starlette.responses import Response
+
+from keel.core.app import AdminKey, Platform, PlatformDep, ReadKey, WriteKey, platform
+from keel.core.errors import (
+    Forbidden,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    InvalidCursor,
+    InvalidIdempotencyKey,
+    PayloadTooLarge,
+    RateLimited,
+    Unauthorized,
+    problem_responses,
+)
+from keel.core.idempotency import StoredResponse
+from keel.core.schemas import Cursor, Limit, Page, decode_cursor
+from keel.ledger import service
+from keel.ledger.errors import (
+    BalanceOutOfRange,
+    InsufficientFunds,
+    SameAccountTransfer,
+    UsernameTaken,
+    UserNotFound,
+)
+from keel.ledger.postings import Posting, PostingBatcher
+from keel.ledger.schemas import (
+    AuditReport,
+    Transaction,
+    TransactionCreate,
+    Transfer,
+    TransferCreate,
+    User,
+    UserCreate,
+)
+
+router = APIRouter()
+
+_AUTH = (Unauthorized, Forbidden, RateLimited)
+_CREATE = (
+    *_AUTH,
+    PayloadTooLarge,
+    InvalidIdempotencyKey,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+)
+UserId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+
+
+def batcher(plat: PlatformDep) -> PostingBatcher:
+    value: PostingBatcher = plat.services["postings"]
+    return value
+
+
+BatcherDep = Annotated[PostingBatcher, Depends(batcher)]
+
+
+def _json(body: str, status: int = 200) -> Response:
+    return Response(body, status_code=status, media_type="application/json")
+
+
+async def _post(
+    request: Request, plat: Platform, postings: PostingBatcher, posting: Posting
+) -> Response:
+    """Submit a posting through the group committer, honouring its idempotency key."""
+    idem = posting.idempotency
+    if idem is None:
+        result = await postings.submit(posting)
+    else:
+        async with plat.idempotency.inflight.hold(idem):
+            result = await postings.submit(posting)
+    if isinstance(result, StoredResponse):
+        return result.to_response()
+    return _json(result.model_dump_json(), 201)
+
+
+@router.post(
+    "/users",
+    status_code=201,
+    response_model=User,
+    tags=["users"],
+    summary="Open an account (admin)",
+    responses=problem_responses(*_CREATE, UsernameTaken),
+)
+async def create_user(
+    body: UserCreate, request: Request, key: AdminKey, plat: PlatformDep
+) -> Response:
+    idem = plat.idempotency.request(
+        request.headers, key.id, "ledger.create_user", body.model_dump()
+    )
+    return await plat.idempotency.run(
+        plat.database, idem, lambda conn: service.create_user(conn, body)
+    )
+
+
+@router.get(
+    "/users/{user_id}",
+    response_model=User,
+    tags=["users"],
+    summary="One account and its balance",
+    responses=problem_responses(*_AUTH, UserNotFound),
+)
+async def get_user(user_id: UserId, _key: ReadKey, plat: PlatformDep) -> Response:
+    async with plat.database.read() as conn:
+        user = await service.get_user(conn, user_id)
+    return _json(user.model_dump_json())
+
+
+@router.get(
+    "/search",
+    response_model=Page[User],
+    tags=["users"],
+    summary="Users whose username contains q (case-insensitive, literal)",
+    responses=problem_responses(*_AUTH, InvalidCursor),
+)
+async def search_users(
+    _key: ReadKey,
+    plat: PlatformDep,
+    q: Annotated[str, Query(min_length=1, max_length=64)],
+    limit: Limit = 20,
+    cursor: Cursor = None,
+) -> Page[User]:
+    after = decode_cursor(cursor)
+    async with plat.database.read() as conn:
+        return await service.search_users(conn, q, limit, after)
+
+
+_POSTING_ERRORS = (*_CREATE, UserNotFound, InsufficientFunds, BalanceOutOfRange)
+
+
+@router.post(
+    "/transactions",
+    status_code=201,
+    response_model=Transaction,
+    tags=["transactions"],
+    summary="Post a deposit (amount > 0) or withdrawal (amount < 0)",
+    responses=problem_responses(*_POSTING_ERRORS),
+)
+@router.post("/transaction", status_code=201, response_model=Transaction, include_in_schema=False)
+async def post_transaction(
+    body: TransactionCreate,
+    request: Request,
+    key: WriteKey,
+    plat: PlatformDep,
+    postings: BatcherDep,
+) -> Response:
+    idem = plat.idempotency.request(
+        request.headers, key.id, "ledger.post_transaction", body.model_dump()
+    )
+    posting = Posting.transaction(body.user_id, body.amount, body.description, idem)
+    return await _post(request, plat, postings, posting)
+
+
+@router.post(
+    "/transfers",
+    status_code=201,
+    response_model=Transfer,
+    tags=["transactions"],
+    summary="Move money between two accounts: both entries or neither",
+    responses=problem_responses(*_POSTING_ERRORS, SameAccountTransfer),
+)
+async def post_transfer(
+    body: TransferCreate, request: Request, key: WriteKey, plat: PlatformDep, postings: BatcherDep
+) -> Response:
+    if body.from_user_id == body.to_user_id:
+        raise SameAccountTransfer("from_user_id and to_user_id must differ.")
+    idem = plat.idempotency.request(
+        request.headers, key.id, "ledger.post_transfer", body.model_dump()
+    )
+    posting = Posting.transfer_between(
+        body.from_user_id, body.to_user_id, body.amount, body.description, idem
+    )
+    return await _post(request, plat, postings, posting)
+
+
+@router.get(
+    "/users/{user_id}/transactions",
+    response_model=Page[Transaction],
+    tags=["transactions"],
+    summary="An account's entries, newest first, each with balance_after",
+    responses=problem_responses(*_AUTH, UserNotFound, InvalidCursor),
+)
+async def list_transactions(
+    user_id: UserId, _key: ReadKey, plat: PlatformDep, limit: Limit = 20, cursor: Cursor = None
+) -> Page[Transaction]:
+    before = decode_cursor(cursor)
+    async with plat.database.read() as conn:
+        return await service.list_transactions(conn, user_id, limit, before)
+
+
+@router.get(
+    "/audit",
+    response_model=AuditReport,
+    tags=["audit"],
+    summary="Check every balance against the sum of its entries (admin)",
+    responses=problem_responses(*_AUTH),
+)
+async def audit(_key: AdminKey, plat: PlatformDep) -> AuditReport:
+    async with plat.database.read() as conn:
+        return await service.audit(conn)
+
+
+__all__ = ["platform", "router"]

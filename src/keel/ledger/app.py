@@ -1,0 +1,46 @@
+"""The ledger app: ``keel serve ledger``, or ``uvicorn --factory keel.ledger.app:create_app``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from keel.core.app import Platform, ServiceSpec, create_service_app
+from keel.ledger.api import router
+from keel.ledger.postings import PostingBatcher
+from keel.ledger.settings import LedgerSettings
+
+
+@asynccontextmanager
+async def ledger_workers(plat: Platform) -> AsyncIterator[None]:
+    """The group committer; on shutdown it commits what is queued before the engine closes."""
+    settings = plat.settings
+    assert isinstance(settings, LedgerSettings)
+    postings = PostingBatcher(plat.database, plat.idempotency.store, settings.max_batch)
+    postings.start()
+    plat.services["postings"] = postings
+    try:
+        yield
+    finally:
+        await postings.stop()
+
+
+async def ledger_health(plat: Platform) -> dict[str, Any]:
+    return {}
+
+
+SPEC = ServiceSpec(
+    name="ledger",
+    title="ledger",
+    description="Accounts and money: every balance always equals the sum of its entries.",
+    routers=[router],
+    workers=ledger_workers,
+    health=ledger_health,
+)
+
+
+def create_app(settings: LedgerSettings | None = None) -> FastAPI:
+    return create_service_app(SPEC, settings or LedgerSettings())

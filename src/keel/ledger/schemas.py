@@ -1,0 +1,114 @@
+"""The ledger's request and response bodies."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from keel.core.schemas import Id
+
+# Amounts are integer minor units (cents). Strict: 10.5, "10" and true are refused, not coerced.
+MAX_AMOUNT = 10**12
+Amount = Annotated[
+    int,
+    Field(
+        strict=True, ge=-MAX_AMOUNT, le=MAX_AMOUNT, description="Minor units; negative withdraws."
+    ),
+]
+PositiveAmount = Annotated[int, Field(strict=True, ge=1, le=MAX_AMOUNT, description="Minor units.")]
+Username = Annotated[
+    str, StringConstraints(min_length=1, max_length=64), Field(pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+Email = Annotated[str, StringConstraints(max_length=254), Field(pattern=r"^[^@\s]+@[^@\s]+$")]
+Description = Annotated[str, StringConstraints(max_length=500), Field(pattern=r"^[^\x00]*$")]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UserCreate(StrictModel):
+    username: Username
+    email: Email | None = None
+    overdraft_limit: Annotated[int, Field(strict=True, ge=0, le=MAX_AMOUNT)] = 0
+
+
+class User(BaseModel):
+    id: int
+    username: str
+    email: str | None
+    balance: int
+    overdraft_limit: int
+    created_at: datetime
+
+
+class TransactionCreate(StrictModel):
+    user_id: Id
+    amount: Amount
+    description: Description = ""
+
+    @field_validator("amount")
+    @classmethod
+    def _non_zero(cls, amount: int) -> int:
+        if amount == 0:
+            raise ValueError("amount must not be zero")
+        return amount
+
+
+class Transaction(BaseModel):
+    id: int
+    user_id: int
+    amount: int
+    balance_after: int
+    description: str
+    status: Literal["posted"] = "posted"
+    transfer_id: int | None = None
+    created_at: datetime
+
+
+class TransferCreate(StrictModel):
+    from_user_id: Id
+    to_user_id: Id
+    amount: PositiveAmount
+    description: Description = ""
+
+
+class Transfer(BaseModel):
+    id: int
+    from_user_id: int
+    to_user_id: int
+    amount: int
+    description: str
+    status: Literal["posted"] = "posted"
+    created_at: datetime
+    entries: list[Transaction]
+
+
+class AccountAudit(BaseModel):
+    user_id: int
+    balance: int
+    entries_sum: int
+    entries: int
+    ok: bool
+
+
+class AuditReport(BaseModel):
+    ok: bool
+    accounts_checked: int
+    mismatches: list[AccountAudit]
+    checked_at: datetime
+
+
+class Delivery(BaseModel):
+    id: int
+    event_id: int
+    url: str
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: datetime | None
+    last_status: int | None
+    last_error: str | None
+    delivered_at: datetime | None
+    created_at: datetime

@@ -1,0 +1,125 @@
+"""The ledger's rules for users, history and audit. Postings live in :mod:`keel.ledger.postings`.
+
+Every function takes the caller's connection: the route (or CLI command) owns the transaction.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from keel.core.schemas import Page, encode_cursor
+from keel.ledger.errors import UsernameTaken, UserNotFound
+from keel.ledger.schemas import AccountAudit, AuditReport, Transaction, User, UserCreate
+from keel.ledger.tables import entries, users
+
+_USER_COLUMNS = (
+    users.c.id,
+    users.c.username,
+    users.c.email,
+    users.c.balance,
+    users.c.overdraft_limit,
+    users.c.created_at,
+)
+
+
+async def create_user(conn: AsyncConnection, data: UserCreate) -> User:
+    """Open an account with a zero balance; 409 if the username is taken."""
+    created_at = datetime.now(UTC)
+    try:
+        user_id = (
+            await conn.execute(
+                insert(users)
+                .values(
+                    username=data.username,
+                    email=data.email,
+                    overdraft_limit=data.overdraft_limit,
+                    created_at=created_at,
+                    balance=0,
+                )
+                .returning(users.c.id)
+            )
+        ).scalar_one()
+    except IntegrityError:  # the caller's transaction rolls back, idempotency claim included
+        raise UsernameTaken(f"The username {data.username!r} is taken.") from None
+    return User(id=user_id, balance=0, created_at=created_at, **data.model_dump())
+
+
+async def get_user(conn: AsyncConnection, user_id: int) -> User:
+    row = (await conn.execute(select(*_USER_COLUMNS).where(users.c.id == user_id))).first()
+    if row is None:
+        raise UserNotFound(f"No user with id {user_id}.")
+    return User.model_validate(row._mapping)
+
+
+async def search_users(
+    conn: AsyncConnection, q: str, limit: int, after_id: int | None
+) -> Page[User]:
+    """Users whose username contains ``q``, ignoring case; ``%``, ``_`` and ``\\`` are literal."""
+    query = select(*_USER_COLUMNS).where(users.c.username.icontains(q, autoescape=True))
+    if after_id is not None:
+        query = query.where(users.c.id > after_id)
+    rows = (await conn.execute(query.order_by(users.c.id).limit(limit + 1))).all()
+    items = [User.model_validate(row._mapping) for row in rows[:limit]]
+    more = len(rows) > limit
+    return Page(items=items, next_cursor=encode_cursor(items[-1].id) if more else None)
+
+
+async def list_transactions(
+    conn: AsyncConnection, user_id: int, limit: int, before_id: int | None
+) -> Page[Transaction]:
+    """A user's entries, newest first."""
+    await get_user(conn, user_id)
+    query = select(
+        entries.c.id,
+        entries.c.user_id,
+        entries.c.amount,
+        entries.c.balance_after,
+        entries.c.description,
+        entries.c.transfer_id,
+        entries.c.created_at,
+    ).where(entries.c.user_id == user_id)
+    if before_id is not None:
+        query = query.where(entries.c.id < before_id)
+    rows = (await conn.execute(query.order_by(entries.c.id.desc()).limit(limit + 1))).all()
+    items = [Transaction.model_validate(row._mapping) for row in rows[:limit]]
+    more = len(rows) > limit
+    return Page(items=items, next_cursor=encode_cursor(items[-1].id) if more else None)
+
+
+async def audit(conn: AsyncConnection) -> AuditReport:
+    """Check every account's balance against the sum of its entries."""
+    sums = (
+        select(
+            entries.c.user_id,
+            func.coalesce(func.sum(entries.c.amount), 0).label("total"),
+            func.count().label("n"),
+        )
+        .group_by(entries.c.user_id)
+        .subquery()
+    )
+    rows = (
+        await conn.execute(
+            select(users.c.id, users.c.balance, sums.c.total, sums.c.n)
+            .select_from(users.outerjoin(sums, sums.c.user_id == users.c.id))
+            .order_by(users.c.id)
+        )
+    ).all()
+    mismatches = []
+    for row in rows:
+        total, count = int(row.total or 0), int(row.n or 0)
+        if total != row.balance:
+            mismatches.append(
+                AccountAudit(
+                    user_id=row.id, balance=row.balance, entries_sum=total, entries=count, ok=False
+                )
+            )
+    return AuditReport(
+        ok=not mismatches,
+        accounts_checked=len(rows),
+        mismatches=mismatches,
+        checked_at=datetime.now(UTC),
+    )
