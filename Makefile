@@ -30,7 +30,12 @@ format: install
 test: lint
 	$(RUN) pytest $(PYTEST_ARGS)
 
+# wrk drives the load; Debian has it. Root installs it directly, anyone else through sudo.
 bench: install
+	@command -v wrk >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk; \
+	} || { echo "make bench needs wrk: apt-get install wrk" >&2; exit 1; }
 	$(RUN) keel bench ledger $(BENCH_ARGS)
 
 clean:

@@ -12,6 +12,7 @@ import typer
 import uvicorn
 from rich.console import Console
 
+from keel.bench.command import bench_app
 from keel.core import migrate
 from keel.core.auth import Scope, create_api_key, hash_key
 from keel.core.database import Database, create_engine
@@ -25,6 +26,7 @@ ledger_app = typer.Typer(help="Ledger operations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(bench_app, name="bench")
 console = Console()
 
 ServiceName = StrEnum("ServiceName", {name: name for name in SERVICES})  # type: ignore[misc]

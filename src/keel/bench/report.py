@@ -1,0 +1,189 @@
+"""The bench's output: a Markdown table of medians, a PNG plot, and the raw runs as JSON."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+from keel.bench import wrk
+from keel.bench.runner import BenchOptions, Run, ScenarioResult
+
+
+def _p50(run: Run) -> float:
+    return run.result.p50_ms
+
+
+def _p99(run: Run) -> float:
+    return run.result.p99_ms
+
+
+def _rps(run: Run) -> float:
+    return run.result.requests_per_s
+
+
+def _server_cores(run: Run) -> float:
+    return run.cpu.server_cores
+
+
+def _wrk_cores(run: Run) -> float:
+    return run.cpu.wrk_cores
+
+
+def _check(value: bool | None) -> str:
+    return {True: "ok", False: "**FAILED**", None: "—"}[value]
+
+
+def _met(result: ScenarioResult) -> str:
+    if result.target_met is None:
+        return "—"
+    if result.errors:
+        return "no (errors)"
+    return "yes" if result.target_met else "**no**"
+
+
+def _errors(result: ScenarioResult) -> str:
+    if not result.errors:
+        return "0"
+    return f"**{result.errors:,}** in {result.runs_with_errors}/{len(result.runs)} runs"
+
+
+def _row(result: ScenarioResult) -> str:
+    name, workers = result.scenario.name, str(result.workers)
+    target = result.scenario.target_text()
+    if not result.ran:
+        why = (result.failure or "not run").replace("|", "\\|").replace("\n", " ")
+        return f"| {name} | {workers} | — | — | — | — | — | — | skipped: {why} | {target} | — |"
+    rps = result.rps
+    checks = f"audit {_check(result.audit_ok)}, entries {_check(result.entries_consistent)}"
+    cells = [
+        name,
+        workers,
+        f"**{result.median(_rps):,.0f}**",
+        f"{min(rps):,.0f}-{max(rps):,.0f}",
+        f"{result.median(_p50):.1f}",
+        f"{result.median(_p99):.1f}",
+        _errors(result),
+        f"{result.median(_server_cores):.2f} / {result.median(_wrk_cores):.2f}",
+        checks,
+        target,
+        _met(result),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(
+    results: list[ScenarioResult], machine: dict[str, str], options: BenchOptions, when: datetime
+) -> str:
+    """The results page: the table of medians first, then how and where it was measured."""
+    lines = [
+        "# ledger benchmark",
+        "",
+        f"Measured {when:%Y-%m-%d %H:%M} UTC by `make bench` (`keel bench ledger`). Each row is"
+        f" the median of {options.runs} runs of {options.duration_s:g} s after a"
+        f" {options.warmup_s:g} s warm-up, `wrk -t{wrk.THREADS} -c{wrk.CONNECTIONS} --latency`,"
+        " against a fresh database seeded with"
+        f" {options.accounts:,} accounts. POSTs are ±1 postings (`POST /transactions`), each"
+        " committed before its 201.",
+        "",
+        "| scenario | workers | median req/s | min-max req/s | p50 ms | p99 ms | errors"
+        " | CPU cores server / wrk | checks | target | met? |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+        *(_row(r) for r in results),
+        "",
+        "- *errors*: non-2xx answers plus socket errors (timeouts included); a run with any is"
+        " flagged and its scenario does not count as meeting its target.",
+        "- *checks*: `keel ledger audit` on the database afterwards (every balance equals the sum"
+        " of its entries), and *entries*: every 2xx wrk counted is an entry in the database, and"
+        f" at most {wrk.CONNECTIONS} per wrk call more (requests in flight when wrk stopped).",
+        "- *CPU cores*: average cores used during a run by the server's processes and by wrk,"
+        " from /proc.",
+        "",
+        "## Scenarios",
+        "",
+        *(f"- `{r.scenario.name}`: {r.scenario.summary}." for r in _unique_scenarios(results)),
+        "",
+        "## Machine",
+        "",
+        *(f"- {key}: {value}" for key, value in machine.items()),
+        "",
+        "## Server settings",
+        "",
+        *(f"- `{k}={v}`" for k, v in options.server_env().items()),
+        "- everything else at its default (access log on, written to `bench/work/*.log`).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _unique_scenarios(results: list[ScenarioResult]) -> list[ScenarioResult]:
+    seen: dict[str, ScenarioResult] = {}
+    for r in results:
+        seen.setdefault(r.scenario.name, r)
+    return list(seen.values())
+
+
+def plot(results: list[ScenarioResult], path: Path, when: datetime) -> None:
+    """Bars of median req/s, whiskers for the run-to-run range, a line for each target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ran = [r for r in results if r.ran]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.9 * len(ran) + 2), 4.8), dpi=120)
+    for x, r in enumerate(ran):
+        median, rps = r.median(_rps), r.rps
+        colour = "tab:green" if r.target_met and not r.errors else "tab:orange"
+        ax.bar(x, median, width=0.6, color=colour, alpha=0.8)
+        ax.errorbar(
+            x, median, yerr=[[median - min(rps)], [max(rps) - median]],
+            fmt="none", ecolor="black", capsize=6,
+        )  # fmt: skip
+        ax.scatter([x] * len(rps), rps, s=10, color="black", zorder=3)
+        ax.hlines(r.scenario.target_rps, x - 0.4, x + 0.4, colors="tab:red", linestyles="--")
+        ax.annotate(f"{median:,.0f}/s", (x, median), ha="center", va="bottom", fontsize=8,
+                    xytext=(0, 3), textcoords="offset points")  # fmt: skip
+    ax.set_xticks(range(len(ran)))
+    ax.set_xticklabels([f"{r.scenario.name}\n{r.workers} worker(s)" for r in ran], fontsize=8)
+    ax.set_ylabel("requests/s (median; whiskers: min-max; dots: runs)")
+    ax.set_title(f"keel ledger, wrk -c{wrk.CONNECTIONS} (red dashes: targets), {when:%Y-%m-%d}")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_results(
+    results: list[ScenarioResult],
+    machine: dict[str, str],
+    options: BenchOptions,
+    results_dir: Path,
+    name: str = "ledger",
+) -> list[Path]:
+    """Write ``<name>.md``, ``<name>.png`` (if matplotlib is installed) and the raw JSON."""
+    when = datetime.now(UTC)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    written = [results_dir / f"{name}.md"]
+    written[0].write_text(markdown(results, machine, options, when))
+    raw = results_dir / f"{name}-{when:%Y%m%dT%H%M%S}.json"
+    raw.write_text(
+        json.dumps(
+            {
+                "when": when.isoformat(),
+                "machine": machine,
+                "server_env": options.server_env(),
+                "results": [r.to_json() for r in results],
+            },
+            indent=2,
+        )
+    )
+    written.append(raw)
+    if any(r.ran for r in results):
+        try:
+            plot(results, results_dir / f"{name}.png", when)
+            written.append(results_dir / f"{name}.png")
+        except ImportError:
+            pass  # matplotlib is in the `bench` dependency group; the table stands alone
+    return written

@@ -1,0 +1,207 @@
+"""One scenario: fresh database, seeded accounts, the server, a warm-up, N wrk runs, the checks."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keel.bench import stage, wrk
+from keel.bench.machine import CpuUse, cpu_between, sample_cpu
+from keel.bench.scenarios import Backend, Load, Scenario
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    runs: int = 5
+    duration_s: float = 10.0
+    warmup_s: float = 5.0
+    accounts: int = 1000
+    postgres_url: str = "postgresql://postgres@127.0.0.1:5432/test"
+    work_dir: Path = Path("bench/work")
+    outbox_worker: bool = True
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def server_env(self) -> dict[str, str]:
+        """Production defaults, except a rate limit no bench can reach."""
+        return {
+            "KEEL_RATE_LIMIT": "1000000/second",
+            "KEEL_LEDGER_OUTBOX_WORKER": "true" if self.outbox_worker else "false",
+            **self.extra_env,
+        }
+
+
+@dataclass(frozen=True)
+class Run:
+    result: wrk.WrkResult
+    cpu: CpuUse
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.result.to_json(), **self.cpu.__dict__}
+
+
+@dataclass
+class ScenarioResult:
+    """A scenario at one worker count: its runs and what the database said afterwards."""
+
+    scenario: Scenario
+    workers: int
+    runs: list[Run] = field(default_factory=list)
+    acknowledged: int = 0  # 2xx answers wrk counted, warm-up included
+    wrk_calls: int = 0
+    timeouts: int = 0
+    entries_written: int | None = None
+    audit_ok: bool | None = None
+    failure: str | None = None  # why the scenario could not run or finish
+    server_log: str = ""
+
+    @property
+    def ran(self) -> bool:
+        return bool(self.runs)
+
+    def median(self, pick: Callable[[Run], float]) -> float:
+        return statistics.median(pick(r) for r in self.runs)
+
+    @property
+    def rps(self) -> list[float]:
+        return [r.result.requests_per_s for r in self.runs]
+
+    @property
+    def errors(self) -> int:
+        return sum(r.result.errors for r in self.runs)
+
+    @property
+    def runs_with_errors(self) -> int:
+        return sum(1 for r in self.runs if r.result.errors)
+
+    @property
+    def entries_consistent(self) -> bool | None:
+        """Every 201 was committed; no more were written than could have been in flight."""
+        if self.scenario.load is Load.GET_USER:
+            return None if self.entries_written is None else self.entries_written == 0
+        if self.entries_written is None:
+            return None
+        in_flight = self.wrk_calls * wrk.CONNECTIONS + self.timeouts
+        return self.acknowledged <= self.entries_written <= self.acknowledged + in_flight
+
+    @property
+    def target_met(self) -> bool | None:
+        if not self.ran:
+            return None
+        return self.scenario.target_met(self.median(_rps), self.median(_p99))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario.name,
+            "workers": self.workers,
+            "runs": [r.to_json() for r in self.runs],
+            "acknowledged": self.acknowledged,
+            "entries_written": self.entries_written,
+            "entries_consistent": self.entries_consistent,
+            "audit_ok": self.audit_ok,
+            "failure": self.failure,
+            "server_log": self.server_log,
+        }
+
+
+def _rps(run: Run) -> float:
+    return run.result.requests_per_s
+
+
+def _p99(run: Run) -> float:
+    return run.result.p99_ms
+
+
+class Observer:
+    """What the runner tells whoever is watching; the CLI draws it with rich."""
+
+    def status(self, text: str) -> None:
+        """A phase began (preparing, seeding, running…)."""
+
+    def run_finished(self, label: str, run: Run | None) -> None:
+        """One wrk call ended; ``run`` is None for the warm-up."""
+
+
+def run_scenario(
+    scenario: Scenario, workers: int, options: BenchOptions, observer: Observer
+) -> ScenarioResult:
+    """Measure one scenario; a failure is recorded in the result, not raised."""
+    label = f"{scenario.name}-w{workers}"
+    options.work_dir.mkdir(parents=True, exist_ok=True)
+    log = options.work_dir / f"{label}.log"
+    log.unlink(missing_ok=True)
+    result = ScenarioResult(scenario, workers, server_log=str(log))
+    try:
+        _measure(scenario, label, result, options, observer, log)
+    except (stage.StageError, wrk.WrkOutputError, OSError) as exc:
+        result.failure = str(exc)
+    return result
+
+
+def _measure(
+    scenario: Scenario,
+    label: str,
+    result: ScenarioResult,
+    options: BenchOptions,
+    observer: Observer,
+    log: Path,
+) -> None:
+    observer.status(f"{label}: fresh {scenario.backend.value} database")
+    url = stage.fresh_database(scenario.backend, label, options.work_dir, options.postgres_url)
+    stage.run_keel("db", "upgrade", "ledger", "--database-url", url, log=log)
+    key = stage.run_keel(
+        "apikey", "create", "--scope", "admin", "--service", "ledger", "--name", "bench",
+        "--database-url", url, log=log,
+    ).strip().splitlines()[-1]  # fmt: skip
+    server = stage.Server(url, result.workers, options.server_env(), log)
+    with server:
+        observer.status(f"{label}: starting {result.workers} worker(s)")
+        server.wait_ready()
+        observer.status(f"{label}: seeding {options.accounts:,} accounts")
+        user_ids = stage.seed_accounts(server.base_url, key, options.accounts)
+        script = options.work_dir / f"{label}.lua"
+        script.write_text(wrk.lua_script(scenario.load, user_ids, key))
+        before = stage.count_entries(url)
+        observer.status(f"{label}: warm-up {options.warmup_s:g} s")
+        _record(result, _one_run(server, script, options.warmup_s, log))
+        observer.run_finished(label, None)
+        for n in range(1, options.runs + 1):
+            observer.status(f"{label}: run {n}/{options.runs}")
+            run = _one_run(server, script, options.duration_s, log)
+            _record(result, run)
+            result.runs.append(run)
+            observer.run_finished(label, run)
+        observer.status(f"{label}: stopping the server")
+    observer.status(f"{label}: auditing the database")
+    result.entries_written = stage.count_entries(url) - before
+    result.audit_ok = stage.audit_ok(url, log)
+
+
+def _one_run(server: stage.Server, script: Path, duration_s: float, log: Path) -> Run:
+    before = sample_cpu(server.pid, time.monotonic())
+    outcome = wrk.run_wrk(server.base_url, script, duration_s, log)
+    after = sample_cpu(server.pid, time.monotonic())
+    return Run(outcome, cpu_between(before, after))
+
+
+def _record(result: ScenarioResult, run: Run) -> None:
+    result.acknowledged += run.result.succeeded
+    result.timeouts += run.result.socket_errors
+    result.wrk_calls += 1
+
+
+def postgres_reachable(options: BenchOptions) -> str | None:
+    """None if PostgreSQL answers at the bench's URL, else why not."""
+    try:
+        asyncio.run(stage.postgres_version(options.postgres_url))
+    except Exception as exc:  # any failure means: skip its scenarios, say why
+        return f"PostgreSQL unreachable at {options.postgres_url}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def needs_postgres(scenarios: list[Scenario]) -> bool:
+    return any(s.backend is Backend.POSTGRES for s in scenarios)
