@@ -53,7 +53,7 @@ class RichObserver(Observer):
             self.progress.console.print(
                 f"  {label}: {r.requests_per_s:,.0f} req/s, p50 {r.p50_ms:.1f} ms,"
                 f" p99 {r.p99_ms:.1f} ms, server {run.cpu.server_cores:.2f} cores,"
-                f" wrk {run.cpu.wrk_cores:.2f}{flag}"
+                f" wrk {run.cpu.wrk_cores:.2f}, other {run.cpu.other_cores:.2f}{flag}"
             )
 
 

@@ -121,18 +121,22 @@ def sample_cpu(server_session: int, wall: float) -> CpuSample:
 
 @dataclass(frozen=True)
 class CpuUse:
-    """Cores used on average over one run."""
+    """Cores used on average over one run: by the server, by wrk, and by everything else."""
 
     server_cores: float
     wrk_cores: float
-    machine_busy_fraction: float
+    machine_busy_cores: float
+
+    @property
+    def other_cores(self) -> float:
+        """Other people's work on a shared machine, and the kernel's: the noise in a number."""
+        return max(0.0, self.machine_busy_cores - self.server_cores - self.wrk_cores)
 
 
 def cpu_between(before: CpuSample, after: CpuSample) -> CpuUse:
     wall = max(after.wall - before.wall, 1e-9)
-    machine_total = max(after.machine_total - before.machine_total, 1e-9)
     return CpuUse(
         server_cores=(after.server - before.server) / wall,
         wrk_cores=(after.children - before.children) / wall,
-        machine_busy_fraction=(after.machine_busy - before.machine_busy) / machine_total,
+        machine_busy_cores=(after.machine_busy - before.machine_busy) / wall,
     )

@@ -30,6 +30,10 @@ def _wrk_cores(run: Run) -> float:
     return run.cpu.wrk_cores
 
 
+def _other_cores(run: Run) -> float:
+    return run.cpu.other_cores
+
+
 def _check(value: bool | None) -> str:
     return {True: "ok", False: "**FAILED**", None: "—"}[value]
 
@@ -64,7 +68,9 @@ def _row(result: ScenarioResult) -> str:
         f"{result.median(_p50):.1f}",
         f"{result.median(_p99):.1f}",
         _errors(result),
-        f"{result.median(_server_cores):.2f} / {result.median(_wrk_cores):.2f}",
+        " / ".join(
+            f"{result.median(pick):.2f}" for pick in (_server_cores, _wrk_cores, _other_cores)
+        ),
         checks,
         target,
         _met(result),
@@ -80,14 +86,14 @@ def markdown(
         "# ledger benchmark",
         "",
         f"Measured {when:%Y-%m-%d %H:%M} UTC by `make bench` (`keel bench ledger`). Each row is"
-        f" the median of {options.runs} runs of {options.duration_s:g} s after a"
+        f" the median of {options.runs} run(s) of {options.duration_s:g} s after a"
         f" {options.warmup_s:g} s warm-up, `wrk -t{wrk.THREADS} -c{wrk.CONNECTIONS} --latency`,"
         " against a fresh database seeded with"
         f" {options.accounts:,} accounts. POSTs are ±1 postings (`POST /transactions`), each"
         " committed before its 201.",
         "",
         "| scenario | workers | median req/s | min-max req/s | p50 ms | p99 ms | errors"
-        " | CPU cores server / wrk | checks | target | met? |",
+        " | CPU cores server / wrk / other | checks | target | met? |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
         *(_row(r) for r in results),
         "",
@@ -96,8 +102,9 @@ def markdown(
         "- *checks*: `keel ledger audit` on the database afterwards (every balance equals the sum"
         " of its entries), and *entries*: every 2xx wrk counted is an entry in the database, and"
         f" at most {wrk.CONNECTIONS} per wrk call more (requests in flight when wrk stopped).",
-        "- *CPU cores*: average cores used during a run by the server's processes and by wrk,"
-        " from /proc.",
+        "- *CPU cores*: average cores busy during a run (median over runs), from /proc: the"
+        " server's processes, wrk, and everything else on the machine (other work, the kernel)."
+        " Other work on the machine makes a number noisy.",
         "",
         "## Scenarios",
         "",

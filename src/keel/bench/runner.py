@@ -41,7 +41,12 @@ class Run:
     cpu: CpuUse
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.result.to_json(), **self.cpu.__dict__}
+        return {
+            **self.result.to_json(),
+            "server_cores": self.cpu.server_cores,
+            "wrk_cores": self.cpu.wrk_cores,
+            "other_cores": self.cpu.other_cores,
+        }
 
 
 @dataclass
