@@ -52,7 +52,8 @@ class RichObserver(Observer):
             flag = f" [red]{r.errors} errors[/]" if r.errors else ""
             self.progress.console.print(
                 f"  {label}: {r.requests_per_s:,.0f} req/s, p50 {r.p50_ms:.1f} ms,"
-                f" p99 {r.p99_ms:.1f} ms, server {run.cpu.server_cores:.2f} cores,"
+                f" p99 {r.p99_ms:.1f} ms, cores: server {run.cpu.server_cores:.2f},"
+                f" db {run.cpu.database_cores:.2f},"
                 f" wrk {run.cpu.wrk_cores:.2f}, other {run.cpu.other_cores:.2f}{flag}"
             )
 

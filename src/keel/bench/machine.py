@@ -78,17 +78,37 @@ def _ticks() -> int:
     return os.sysconf("SC_CLK_TCK")
 
 
-def session_cpu_seconds(session_id: int) -> float:
-    """CPU seconds used so far by every live process in one session (a server and its workers)."""
-    total = 0
-    for stat in _PROC.glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # the process ended while we looked
-        if int(fields[3]) == session_id:
-            total += int(fields[11]) + int(fields[12])
-    return total / _ticks()
+def _cpu_ticks(stat: Path) -> tuple[int, int] | None:
+    """(session id, utime + stime ticks) of one process, or None if it is gone."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None  # the process ended while we looked
+    return int(fields[3]), int(fields[11]) + int(fields[12])
+
+
+def _cmdline_has(proc: Path, marker: bytes) -> bool:
+    try:
+        return marker in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def server_and_database_cpu_seconds(session_id: int, database: str | None) -> tuple[float, float]:
+    """CPU seconds used so far by the server (every process of its session) and, on
+    PostgreSQL, by the backends serving ``database`` (their title names the database)."""
+    server = db = 0
+    marker = f" {database} ".encode() if database else None
+    for proc in _PROC.glob("[0-9]*"):
+        found = _cpu_ticks(proc / "stat")
+        if found is None:
+            continue
+        session, ticks = found
+        if session == session_id:
+            server += ticks
+        elif marker is not None and _cmdline_has(proc, marker):
+            db += ticks
+    return server / _ticks(), db / _ticks()
 
 
 def machine_cpu_seconds() -> tuple[float, float]:
@@ -108,35 +128,42 @@ def children_cpu_seconds() -> float:
 @dataclass(frozen=True)
 class CpuSample:
     server: float
+    database: float
     children: float
     machine_busy: float
     machine_total: float
     wall: float
 
 
-def sample_cpu(server_session: int, wall: float) -> CpuSample:
+def sample_cpu(server_session: int, database: str | None, wall: float) -> CpuSample:
+    """Where CPU time has gone so far; ``database`` names a PostgreSQL database to follow."""
+    server, db = server_and_database_cpu_seconds(server_session, database)
     busy, total = machine_cpu_seconds()
-    return CpuSample(session_cpu_seconds(server_session), children_cpu_seconds(), busy, total, wall)
+    return CpuSample(server, db, children_cpu_seconds(), busy, total, wall)
 
 
 @dataclass(frozen=True)
 class CpuUse:
-    """Cores used on average over one run: by the server, by wrk, and by everything else."""
+    """Cores used on average over one run: by the server, by PostgreSQL's backends serving it,
+    by wrk, and by everything else."""
 
     server_cores: float
+    database_cores: float
     wrk_cores: float
     machine_busy_cores: float
 
     @property
     def other_cores(self) -> float:
         """Other people's work on a shared machine, and the kernel's: the noise in a number."""
-        return max(0.0, self.machine_busy_cores - self.server_cores - self.wrk_cores)
+        ours = self.server_cores + self.database_cores + self.wrk_cores
+        return max(0.0, self.machine_busy_cores - ours)
 
 
 def cpu_between(before: CpuSample, after: CpuSample) -> CpuUse:
     wall = max(after.wall - before.wall, 1e-9)
     return CpuUse(
         server_cores=(after.server - before.server) / wall,
+        database_cores=(after.database - before.database) / wall,
         wrk_cores=(after.children - before.children) / wall,
         machine_busy_cores=(after.machine_busy - before.machine_busy) / wall,
     )

@@ -26,6 +26,10 @@ def _server_cores(run: Run) -> float:
     return run.cpu.server_cores
 
 
+def _database_cores(run: Run) -> float:
+    return run.cpu.database_cores
+
+
 def _wrk_cores(run: Run) -> float:
     return run.cpu.wrk_cores
 
@@ -69,7 +73,8 @@ def _row(result: ScenarioResult) -> str:
         f"{result.median(_p99):.1f}",
         _errors(result),
         " / ".join(
-            f"{result.median(pick):.2f}" for pick in (_server_cores, _wrk_cores, _other_cores)
+            f"{result.median(pick):.2f}"
+            for pick in (_server_cores, _database_cores, _wrk_cores, _other_cores)
         ),
         checks,
         target,
@@ -93,7 +98,7 @@ def markdown(
         " committed before its 201.",
         "",
         "| scenario | workers | median req/s | min-max req/s | p50 ms | p99 ms | errors"
-        " | CPU cores server / wrk / other | checks | target | met? |",
+        " | CPU cores server / db / wrk / other | checks | target | met? |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
         *(_row(r) for r in results),
         "",
@@ -103,7 +108,8 @@ def markdown(
         " of its entries), and *entries*: every 2xx wrk counted is an entry in the database, and"
         f" at most {wrk.CONNECTIONS} per wrk call more (requests in flight when wrk stopped).",
         "- *CPU cores*: average cores busy during a run (median over runs), from /proc: the"
-        " server's processes, wrk, and everything else on the machine (other work, the kernel)."
+        " server's processes, the PostgreSQL backends serving its database (SQLite runs inside"
+        " the server), wrk, and everything else on the machine (other work, the kernel)."
         " Other work on the machine makes a number noisy.",
         "",
         "## Scenarios",

@@ -44,6 +44,7 @@ class Run:
         return {
             **self.result.to_json(),
             "server_cores": self.cpu.server_cores,
+            "database_cores": self.cpu.database_cores,
             "wrk_cores": self.cpu.wrk_cores,
             "other_cores": self.cpu.other_cores,
         }
@@ -59,6 +60,7 @@ class ScenarioResult:
     acknowledged: int = 0  # 2xx answers wrk counted, warm-up included
     wrk_calls: int = 0
     timeouts: int = 0
+    entries_before: int = 0  # the seed deposits
     entries_written: int | None = None
     audit_ok: bool | None = None
     failure: str | None = None  # why the scenario could not run or finish
@@ -135,62 +137,79 @@ def run_scenario(
     scenario: Scenario, workers: int, options: BenchOptions, observer: Observer
 ) -> ScenarioResult:
     """Measure one scenario; a failure is recorded in the result, not raised."""
-    label = f"{scenario.name}-w{workers}"
-    options.work_dir.mkdir(parents=True, exist_ok=True)
-    log = options.work_dir / f"{label}.log"
-    log.unlink(missing_ok=True)
-    result = ScenarioResult(scenario, workers, server_log=str(log))
-    try:
-        _measure(scenario, label, result, options, observer, log)
-    except (stage.StageError, wrk.WrkOutputError, OSError) as exc:
-        result.failure = str(exc)
-    return result
+    return _ScenarioRun(scenario, workers, options, observer).measure()
 
 
-def _measure(
-    scenario: Scenario,
-    label: str,
-    result: ScenarioResult,
-    options: BenchOptions,
-    observer: Observer,
-    log: Path,
-) -> None:
-    observer.status(f"{label}: fresh {scenario.backend.value} database")
-    url = stage.fresh_database(scenario.backend, label, options.work_dir, options.postgres_url)
-    stage.run_keel("db", "upgrade", "ledger", "--database-url", url, log=log)
-    key = stage.run_keel(
-        "apikey", "create", "--scope", "admin", "--service", "ledger", "--name", "bench",
-        "--database-url", url, log=log,
-    ).strip().splitlines()[-1]  # fmt: skip
-    server = stage.Server(url, result.workers, options.server_env(), log)
-    with server:
-        observer.status(f"{label}: starting {result.workers} worker(s)")
+class _ScenarioRun:
+    """One scenario at one worker count, from an empty database to the audit."""
+
+    def __init__(
+        self, scenario: Scenario, workers: int, options: BenchOptions, observer: Observer
+    ) -> None:
+        self.scenario, self.options, self.observer = scenario, options, observer
+        self.label = f"{scenario.name}-w{workers}"
+        options.work_dir.mkdir(parents=True, exist_ok=True)
+        self.log = options.work_dir / f"{self.label}.log"
+        self.log.unlink(missing_ok=True)
+        self.result = ScenarioResult(scenario, workers, server_log=str(self.log))
+
+    def status(self, text: str) -> None:
+        self.observer.status(f"{self.label}: {text}")
+
+    def measure(self) -> ScenarioResult:
+        try:
+            self._prepare_and_drive()
+        except (stage.StageError, wrk.WrkOutputError, OSError) as exc:
+            self.result.failure = str(exc)
+        return self.result
+
+    def _prepare_and_drive(self) -> None:
+        options, log = self.options, self.log
+        self.status(f"fresh {self.scenario.backend.value} database")
+        url = stage.fresh_database(
+            self.scenario.backend, self.label, options.work_dir, options.postgres_url
+        )
+        stage.run_keel("db", "upgrade", "ledger", "--database-url", url, log=log)
+        key = stage.run_keel(
+            "apikey", "create", "--scope", "admin", "--service", "ledger", "--name", "bench",
+            "--database-url", url, log=log,
+        ).strip().splitlines()[-1]  # fmt: skip
+        server = stage.Server(url, self.result.workers, options.server_env(), log)
+        try:
+            with server:
+                self._drive(server, key, url)
+        except (stage.StageError, wrk.WrkOutputError) as exc:
+            raise stage.StageError(f"{exc} ({server.exit_note()})") from exc
+        self.status("auditing the database")
+        self.result.entries_written = stage.count_entries(url) - self.result.entries_before
+        self.result.audit_ok = stage.audit_ok(url, log)
+
+    def _drive(self, server: stage.Server, key: str, url: str) -> None:
+        options, result = self.options, self.result
+        self.status(f"starting {result.workers} worker(s)")
         server.wait_ready()
-        observer.status(f"{label}: seeding {options.accounts:,} accounts")
+        self.status(f"seeding {options.accounts:,} accounts")
         user_ids = stage.seed_accounts(server.base_url, key, options.accounts)
-        script = options.work_dir / f"{label}.lua"
-        script.write_text(wrk.lua_script(scenario.load, user_ids, key))
-        before = stage.count_entries(url)
-        observer.status(f"{label}: warm-up {options.warmup_s:g} s")
-        _record(result, _one_run(server, script, options.warmup_s, log))
-        observer.run_finished(label, None)
+        script = options.work_dir / f"{self.label}.lua"
+        script.write_text(wrk.lua_script(self.scenario.load, user_ids, key))
+        result.entries_before = stage.count_entries(url)
+        self.status(f"warm-up {options.warmup_s:g} s")
+        _record(result, self._one_run(server, script, options.warmup_s))
+        self.observer.run_finished(self.label, None)
         for n in range(1, options.runs + 1):
-            observer.status(f"{label}: run {n}/{options.runs}")
-            run = _one_run(server, script, options.duration_s, log)
+            self.status(f"run {n}/{options.runs}")
+            run = self._one_run(server, script, options.duration_s)
             _record(result, run)
             result.runs.append(run)
-            observer.run_finished(label, run)
-        observer.status(f"{label}: stopping the server")
-    observer.status(f"{label}: auditing the database")
-    result.entries_written = stage.count_entries(url) - before
-    result.audit_ok = stage.audit_ok(url, log)
+            self.observer.run_finished(self.label, run)
+        self.status("stopping the server")
 
-
-def _one_run(server: stage.Server, script: Path, duration_s: float, log: Path) -> Run:
-    before = sample_cpu(server.pid, time.monotonic())
-    outcome = wrk.run_wrk(server.base_url, script, duration_s, log)
-    after = sample_cpu(server.pid, time.monotonic())
-    return Run(outcome, cpu_between(before, after))
+    def _one_run(self, server: stage.Server, script: Path, duration_s: float) -> Run:
+        database = stage.postgres_database_name(server.database_url)
+        before = sample_cpu(server.pid, database, time.monotonic())
+        outcome = wrk.run_wrk(server.base_url, script, duration_s, self.log)
+        after = sample_cpu(server.pid, database, time.monotonic())
+        return Run(outcome, cpu_between(before, after))
 
 
 def _record(result: ScenarioResult, run: Run) -> None:

@@ -60,6 +60,13 @@ def plain_postgres_url(url: str) -> str:
     return f"{scheme.split('+', 1)[0]}://{rest}"
 
 
+def postgres_database_name(url: str) -> str | None:
+    """The database a PostgreSQL URL points at; None for SQLite."""
+    if url.startswith("sqlite"):
+        return None
+    return urlsplit(plain_postgres_url(url)).path.lstrip("/") or None
+
+
 def _with_database(url: str, name: str) -> str:
     parts = urlsplit(plain_postgres_url(url))
     return urlunsplit(parts._replace(path=f"/{name}"))
@@ -140,6 +147,7 @@ class Server:
         self.log = log
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.exited_early: int | None = None  # its exit status, if it ended before stop()
 
     @property
     def base_url(self) -> str:
@@ -166,7 +174,18 @@ class Server:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self.process is not None:
+            self.exited_early = self.process.poll()
         self.stop()
+
+    def exit_note(self) -> str:
+        """How the server ended, for an error message: killed from outside, crashed, or not."""
+        code = self.exited_early
+        if code is None:
+            return "the server was still running"
+        if code < 0:
+            return f"the server was killed by signal {-code} from outside the bench"
+        return f"the server exited {code} on its own; see {self.log}"
 
     def wait_ready(self, deadline_s: float = 60.0) -> None:
         """Poll ``GET /ready`` until it answers 200, the process dies, or the deadline passes."""
@@ -217,7 +236,10 @@ async def _seed(base_url: str, api_key: str, accounts: int) -> list[int]:
     async with httpx.AsyncClient(
         base_url=base_url, headers=headers, timeout=30.0, limits=limits
     ) as client:
-        return list(await asyncio.gather(*(open_account(client, n) for n in range(accounts))))
+        try:
+            return list(await asyncio.gather(*(open_account(client, n) for n in range(accounts))))
+        except httpx.HTTPError as exc:
+            raise StageError(f"seeding failed: {type(exc).__name__} {exc}") from exc
 
 
 def seed_accounts(base_url: str, api_key: str, accounts: int) -> list[int]:
