@@ -94,10 +94,13 @@ def _cmdline_has(proc: Path, marker: bytes) -> bool:
         return False
 
 
-def server_and_database_cpu_seconds(session_id: int, database: str | None) -> tuple[float, float]:
-    """CPU seconds used so far by the server (every process of its session) and, on
-    PostgreSQL, by the backends serving ``database`` (their title names the database)."""
-    server = db = 0
+def server_and_database_ticks(
+    session_id: int, database: str | None
+) -> tuple[dict[int, int], dict[int, int]]:
+    """CPU ticks so far, per process, of the server (every process of its session) and, on
+    PostgreSQL, of the backends serving ``database`` (their title names the database)."""
+    server: dict[int, int] = {}
+    db: dict[int, int] = {}
     marker = f" {database} ".encode() if database else None
     for proc in _PROC.glob("[0-9]*"):
         found = _cpu_ticks(proc / "stat")
@@ -105,10 +108,16 @@ def server_and_database_cpu_seconds(session_id: int, database: str | None) -> tu
             continue
         session, ticks = found
         if session == session_id:
-            server += ticks
+            server[int(proc.name)] = ticks
         elif marker is not None and _cmdline_has(proc, marker):
-            db += ticks
-    return server / _ticks(), db / _ticks()
+            db[int(proc.name)] = ticks
+    return server, db
+
+
+def _seconds_between(before: dict[int, int], after: dict[int, int]) -> float:
+    """CPU seconds the processes alive at the end used in between (a process that started in
+    between counts from zero; one that ended is lost, so this errs low, never negative)."""
+    return sum(ticks - before.get(pid, 0) for pid, ticks in after.items()) / _ticks()
 
 
 def machine_cpu_seconds() -> tuple[float, float]:
@@ -127,8 +136,8 @@ def children_cpu_seconds() -> float:
 
 @dataclass(frozen=True)
 class CpuSample:
-    server: float
-    database: float
+    server: dict[int, int]
+    database: dict[int, int]
     children: float
     machine_busy: float
     machine_total: float
@@ -137,7 +146,7 @@ class CpuSample:
 
 def sample_cpu(server_session: int, database: str | None, wall: float) -> CpuSample:
     """Where CPU time has gone so far; ``database`` names a PostgreSQL database to follow."""
-    server, db = server_and_database_cpu_seconds(server_session, database)
+    server, db = server_and_database_ticks(server_session, database)
     busy, total = machine_cpu_seconds()
     return CpuSample(server, db, children_cpu_seconds(), busy, total, wall)
 
@@ -162,8 +171,8 @@ class CpuUse:
 def cpu_between(before: CpuSample, after: CpuSample) -> CpuUse:
     wall = max(after.wall - before.wall, 1e-9)
     return CpuUse(
-        server_cores=(after.server - before.server) / wall,
-        database_cores=(after.database - before.database) / wall,
+        server_cores=_seconds_between(before.server, after.server) / wall,
+        database_cores=_seconds_between(before.database, after.database) / wall,
         wrk_cores=(after.children - before.children) / wall,
         machine_busy_cores=(after.machine_busy - before.machine_busy) / wall,
     )
