@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 from sqlalchemy import func, select
@@ -65,7 +66,8 @@ async def test_each_posting_writes_entry_and_outbox_event(
     posted = await deposit(client, user["id"], 42)
     async with database.read() as conn:
         payloads = (await conn.execute(select(outbox.c.payload))).scalars().all()
-    assert any(f'"id": {posted["id"]},' in p and '"transaction.posted"' in p for p in payloads)
+    events = [json.loads(p) for p in payloads]
+    assert {"type": "transaction.posted", "data": posted} in events
 
 
 async def test_transfer_writes_both_entries(client: httpx.AsyncClient, database: Database) -> None:

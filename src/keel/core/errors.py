@@ -152,13 +152,35 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
-async def _on_keel_error(_request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, KeelError)
-    return render(exc)
+_HTTP_CODES = {
+    404: ("not_found", "Not found"),
+    405: ("method_not_allowed", "Method not allowed"),
+    413: ("payload_too_large", "Request body too large"),
+}
+DATABASE_DOWN = (OperationalError, InterfaceError, ConnectionError)
 
 
-async def _on_validation_error(_request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
+def render_exception(exc: Exception) -> Response:
+    """The one place an exception becomes a response (FastAPI handlers and fast routes alike)."""
+    if isinstance(exc, KeelError):
+        return render(exc)
+    if isinstance(exc, RequestValidationError):
+        return _validation_problem(exc)
+    if isinstance(exc, StarletteHTTPException):
+        code, title = _HTTP_CODES.get(exc.status_code, ("http_error", "HTTP error"))
+        return problem_response(
+            exc.status_code, code, title, str(exc.detail), headers=dict(exc.headers or {})
+        )
+    if isinstance(exc, DATABASE_DOWN):
+        log.warning("database unavailable: %s", exc)
+        return render(
+            DatabaseUnavailable("The database is unavailable; retry.", headers={"Retry-After": "1"})
+        )
+    log.error("unhandled error", exc_info=exc)
+    return problem_response(500, "internal_error", "Internal server error", "Unexpected error.")
+
+
+def _validation_problem(exc: RequestValidationError) -> Response:
     errors = _validation_errors(exc)
     if any(err.get("type") == "json_invalid" for err in exc.errors()):
         return problem_response(
@@ -177,41 +199,20 @@ async def _on_validation_error(_request: Request, exc: Exception) -> Response:
     )
 
 
-_HTTP_CODES = {
-    404: ("not_found", "Not found"),
-    405: ("method_not_allowed", "Method not allowed"),
-    413: ("payload_too_large", "Request body too large"),
-}
-
-
-async def _on_http_error(_request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StarletteHTTPException)
-    code, title = _HTTP_CODES.get(exc.status_code, ("http_error", "HTTP error"))
-    return problem_response(
-        exc.status_code, code, title, str(exc.detail), headers=dict(exc.headers or {})
-    )
-
-
-async def _on_database_down(_request: Request, exc: Exception) -> Response:
-    log.warning("database unavailable: %s", exc)
-    return render(
-        DatabaseUnavailable("The database is unavailable; retry.", headers={"Retry-After": "1"})
-    )
-
-
-async def _on_unexpected(_request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error", exc_info=exc)
-    return problem_response(500, "internal_error", "Internal server error", "Unexpected error.")
+async def _handle(_request: Request, exc: Exception) -> Response:
+    return render_exception(exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error, ours or the framework's, through the problem renderer."""
-    app.add_exception_handler(KeelError, _on_keel_error)
-    app.add_exception_handler(RequestValidationError, _on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, _on_http_error)
-    for down in (OperationalError, InterfaceError, ConnectionError):
-        app.add_exception_handler(down, _on_database_down)
-    app.add_exception_handler(Exception, _on_unexpected)
+    for kind in (
+        KeelError,
+        RequestValidationError,
+        StarletteHTTPException,
+        *DATABASE_DOWN,
+        Exception,
+    ):
+        app.add_exception_handler(kind, _handle)
 
 
 def problem_responses(*errors: type[KeelError]) -> dict[int | str, dict[str, Any]]:

@@ -31,6 +31,7 @@ from pydantic import BaseModel
 from sqlalchemy import and_, delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.datastructures import Headers
 from starlette.responses import Response
@@ -96,11 +97,11 @@ class IdempotencyStore:
     def __init__(self, ttl: timedelta) -> None:
         self.ttl = ttl
 
-    async def claim(self, conn: AsyncConnection, req: IdempotentRequest) -> StoredResponse | None:
+    def claim(self, conn: Connection, req: IdempotentRequest) -> StoredResponse | None:
         """Reserve the key in this transaction, or return the response already stored for it."""
         now = datetime.now(UTC)
         dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-        inserted = await conn.execute(
+        inserted = conn.execute(
             dialect_insert(idempotency_keys)
             .values(
                 service=req.service,
@@ -114,9 +115,9 @@ class IdempotencyStore:
         )
         if inserted.first() is not None:
             return None
-        row = (await conn.execute(select(idempotency_keys).where(self._match(req)))).one()
+        row = conn.execute(select(idempotency_keys).where(self._match(req))).one()
         if _as_utc(row.created_at) < now - self.ttl:
-            await conn.execute(
+            conn.execute(
                 update(idempotency_keys)
                 .where(self._match(req))
                 .values(
@@ -135,15 +136,17 @@ class IdempotencyStore:
             raise IdempotencyKeyInUse("A request with this Idempotency-Key is still running.")
         return StoredResponse(row.response_status, row.response_body)
 
-    async def complete(
-        self, conn: AsyncConnection, req: IdempotentRequest, status: int, body: str
-    ) -> None:
+    def complete(self, conn: Connection, req: IdempotentRequest, status: int, body: str) -> None:
         """Store the response to replay, in the same transaction as the effect."""
-        await conn.execute(
+        conn.execute(
             update(idempotency_keys)
             .where(self._match(req))
             .values(response_status=status, response_body=body)
         )
+
+    def release(self, conn: Connection, req: IdempotentRequest) -> None:
+        """Forget a key claimed in this transaction whose request was refused."""
+        conn.execute(delete(idempotency_keys).where(self._match(req)))
 
     async def purge_expired(self, conn: AsyncConnection) -> int:
         cutoff = datetime.now(UTC) - self.ttl
@@ -226,9 +229,9 @@ class Idempotency:
                 body = (await create(conn)).model_dump_json()
             return Response(body, status_code=status, media_type="application/json")
         async with self.inflight.hold(req), database.write() as conn:
-            stored = await self.store.claim(conn, req)
+            stored = await conn.run_sync(self.store.claim, req)
             if stored is not None:
                 return stored.to_response()
             body = (await create(conn)).model_dump_json()
-            await self.store.complete(conn, req, status, body)
+            await conn.run_sync(self.store.complete, req, status, body)
         return Response(body, status_code=status, media_type="application/json")

@@ -35,6 +35,7 @@ class ServiceSettings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
     access_log: bool = True
+    fast_path: bool = True  # serve measured hot paths with lean routes (keel.core.fastpath)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     rate_limit: str = "2000/second"
     api_key_cache_seconds: float = Field(default=5.0, ge=0)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
 from keel.core.app import AdminKey, Platform, PlatformDep, ReadKey, WriteKey, platform
+from keel.core.batching import GroupCommitter
 from keel.core.errors import (
     Forbidden,
     IdempotencyKeyInUse,
@@ -29,7 +30,7 @@ from keel.ledger.errors import (
     UsernameTaken,
     UserNotFound,
 )
-from keel.ledger.postings import Posting, PostingBatcher
+from keel.ledger.postings import Posting
 from keel.ledger.schemas import (
     AuditReport,
     Transaction,
@@ -53,22 +54,16 @@ _CREATE = (
 UserId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
-def batcher(plat: PlatformDep) -> PostingBatcher:
-    value: PostingBatcher = plat.services["postings"]
-    return value
+PostingCommitter = GroupCommitter[Posting, Transaction | Transfer | StoredResponse]
 
 
-BatcherDep = Annotated[PostingBatcher, Depends(batcher)]
-
-
-def _json(body: str, status: int = 200) -> Response:
+def json_response(body: str, status: int = 200) -> Response:
     return Response(body, status_code=status, media_type="application/json")
 
 
-async def _post(
-    request: Request, plat: Platform, postings: PostingBatcher, posting: Posting
-) -> Response:
+async def submit_posting(plat: Platform, posting: Posting) -> Response:
     """Submit a posting through the group committer, honouring its idempotency key."""
+    postings: PostingCommitter = plat.services["postings"]
     idem = posting.idempotency
     if idem is None:
         result = await postings.submit(posting)
@@ -77,7 +72,7 @@ async def _post(
             result = await postings.submit(posting)
     if isinstance(result, StoredResponse):
         return result.to_response()
-    return _json(result.model_dump_json(), 201)
+    return json_response(result.model_dump_json(), 201)
 
 
 @router.post(
@@ -107,9 +102,8 @@ async def create_user(
     responses=problem_responses(*_AUTH, UserNotFound),
 )
 async def get_user(user_id: UserId, _key: ReadKey, plat: PlatformDep) -> Response:
-    async with plat.database.read() as conn:
-        user = await service.get_user(conn, user_id)
-    return _json(user.model_dump_json())
+    user = await plat.database.run_read(lambda conn: service.get_user(conn, user_id))
+    return json_response(user.model_dump_json())
 
 
 @router.get(
@@ -148,13 +142,12 @@ async def post_transaction(
     request: Request,
     key: WriteKey,
     plat: PlatformDep,
-    postings: BatcherDep,
 ) -> Response:
     idem = plat.idempotency.request(
         request.headers, key.id, "ledger.post_transaction", body.model_dump()
     )
     posting = Posting.transaction(body.user_id, body.amount, body.description, idem)
-    return await _post(request, plat, postings, posting)
+    return await submit_posting(plat, posting)
 
 
 @router.post(
@@ -166,7 +159,7 @@ async def post_transaction(
     responses=problem_responses(*_POSTING_ERRORS, SameAccountTransfer),
 )
 async def post_transfer(
-    body: TransferCreate, request: Request, key: WriteKey, plat: PlatformDep, postings: BatcherDep
+    body: TransferCreate, request: Request, key: WriteKey, plat: PlatformDep
 ) -> Response:
     if body.from_user_id == body.to_user_id:
         raise SameAccountTransfer("from_user_id and to_user_id must differ.")
@@ -176,7 +169,7 @@ async def post_transfer(
     posting = Posting.transfer_between(
         body.from_user_id, body.to_user_id, body.amount, body.description, idem
     )
-    return await _post(request, plat, postings, posting)
+    return await submit_posting(plat, posting)
 
 
 @router.get(

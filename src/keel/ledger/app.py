@@ -10,7 +10,8 @@ from fastapi import FastAPI
 
 from keel.core.app import Platform, ServiceSpec, create_service_app
 from keel.ledger.api import router
-from keel.ledger.postings import PostingBatcher
+from keel.ledger.fast import ROUTES as FAST_ROUTES
+from keel.ledger.postings import posting_committer
 from keel.ledger.settings import LedgerSettings
 
 
@@ -19,7 +20,7 @@ async def ledger_workers(plat: Platform) -> AsyncIterator[None]:
     """The group committer; on shutdown it commits what is queued before the engine closes."""
     settings = plat.settings
     assert isinstance(settings, LedgerSettings)
-    postings = PostingBatcher(plat.database, plat.idempotency.store, settings.max_batch)
+    postings = posting_committer(plat.database, plat.idempotency.store, settings.max_batch)
     postings.start()
     plat.services["postings"] = postings
     try:
@@ -36,6 +37,7 @@ SPEC = ServiceSpec(
     name="ledger",
     title="ledger",
     description="Accounts and money: every balance always equals the sum of its entries.",
+    fast_routes=FAST_ROUTES,
     routers=[router],
     workers=ledger_workers,
     health=ledger_health,

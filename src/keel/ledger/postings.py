@@ -1,8 +1,8 @@
 """Group commit: many postings per database transaction, each still all-or-nothing on its own.
 
-Requests hand their posting to :class:`PostingBatcher` and wait. One committer task per process
-drains whatever has queued while the previous batch was committing and applies it in one write
-transaction:
+Requests hand their posting to the :class:`~keel.core.batching.GroupCommitter` built by
+:func:`posting_committer` and wait. It drains whatever queued while the previous batch was
+committing and applies it in one write transaction:
 
 1. lock every account the batch touches (``SELECT … FOR UPDATE`` in id order on PostgreSQL;
    SQLite's ``BEGIN IMMEDIATE`` already holds the database's write lock);
@@ -19,26 +19,42 @@ depends on this process being the only one: the database locks are what serialis
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.engine import Connection
 
-from keel.core.database import Database
-from keel.core.errors import KeelError, ServiceUnavailable
+from keel.core.batching import GroupCommitter
+from keel.core.database import BulkStatement, Database, allocate_ids
+from keel.core.errors import KeelError
 from keel.core.idempotency import IdempotencyStore, IdempotentRequest, StoredResponse
-from keel.core.tables import idempotency_keys
 from keel.ledger.errors import BalanceOutOfRange, InsufficientFunds, UserNotFound
 from keel.ledger.schemas import Transaction, Transfer
 from keel.ledger.tables import entries, outbox, transfers, users
 
 log = logging.getLogger("keel.ledger.postings")
+
+# The batch's writes, compiled once and run through the driver's executemany.
+_ENTRY_COLUMNS = [
+    "id",
+    "user_id",
+    "amount",
+    "balance_after",
+    "description",
+    "transfer_id",
+    "created_at",
+]
+_INSERT_ENTRIES = BulkStatement(insert(entries), _ENTRY_COLUMNS)
+_INSERT_TRANSFERS = BulkStatement(
+    insert(transfers), ["id", "from_user_id", "to_user_id", "amount", "description", "created_at"]
+)
+_INSERT_EVENTS = BulkStatement(insert(outbox), ["event_type", "payload", "created_at"])
+_UPDATE_BALANCES = BulkStatement(
+    update(users).where(users.c.id == bindparam("uid")).values(balance=bindparam("new_balance"))
+)
 
 BALANCE_BOUND = 2**62  # far inside BIGINT, so no sum of in-range amounts can overflow
 
@@ -59,7 +75,6 @@ class Posting:
     description: str
     transfer: tuple[int, int, int] | None = None  # (from_user_id, to_user_id, amount)
     idempotency: IdempotentRequest | None = None
-    future: asyncio.Future[Transaction | Transfer | StoredResponse] = field(init=False)
     replay: StoredResponse | None = field(default=None, init=False)
     error: KeelError | None = field(default=None, init=False)
     claimed: bool = field(default=False, init=False)
@@ -96,78 +111,39 @@ class _Account:
     touched: bool = False
 
 
-class PostingBatcher:
-    """Queues postings and commits them in batches, one batch at a time per process."""
-
-    def __init__(self, database: Database, store: IdempotencyStore, max_batch: int = 512) -> None:
-        self._database = database
-        self._store = store
-        self._max_batch = max_batch
-        self._queue: deque[Posting] = deque()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
-
-    async def submit(self, posting: Posting) -> Transaction | Transfer | StoredResponse:
-        """Queue a posting and wait for its committed result (or its refusal)."""
-        if self._closing:
-            raise ServiceUnavailable("The ledger is shutting down.", headers={"Retry-After": "1"})
-        posting.future = asyncio.get_running_loop().create_future()
-        self._queue.append(posting)
-        self._wake.set()
-        return await posting.future
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="posting-batcher")
-
-    async def stop(self) -> None:
-        """Refuse new postings, commit the ones already queued, then stop."""
-        self._closing = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                batch = [
-                    self._queue.popleft() for _ in range(min(len(self._queue), self._max_batch))
-                ]
-                await self._commit(batch)
-            if self._closing:
-                return
-
-    async def _commit(self, batch: list[Posting]) -> None:
-        try:
-            async with self._database.write() as conn:
-                await apply_batch(conn, self._store, batch)
-        except Exception as exc:
-            log.warning("posting batch of %d failed: %r", len(batch), exc)
-            for posting in batch:
-                _settle(posting.future, exc)
-            return
-        for posting in batch:
-            _settle(posting.future, posting.error or posting.replay or posting.result)
+PostingOutcome = Transaction | Transfer | StoredResponse | KeelError
 
 
-def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
-    if future.done():  # the client went away; the posting still stands
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
+def posting_committer(
+    database: Database, store: IdempotencyStore, max_batch: int
+) -> GroupCommitter[Posting, Transaction | Transfer | StoredResponse]:
+    """The ledger's group committer: postings in, committed results (or refusals) out."""
+
+    def apply(conn: Connection, batch: list[Posting]) -> list[PostingOutcome]:
+        apply_batch(conn, store, batch)
+        return [_outcome(p) for p in batch]
+
+    return GroupCommitter(
+        name="ledger_postings", database=database, apply=apply, max_batch=max_batch
+    )
 
 
-async def apply_batch(conn: AsyncConnection, store: IdempotencyStore, batch: list[Posting]) -> None:
+def _outcome(posting: Posting) -> PostingOutcome:
+    if posting.error is not None:
+        return posting.error
+    if posting.replay is not None:
+        return posting.replay
+    assert posting.result is not None
+    return posting.result
+
+
+def apply_batch(conn: Connection, store: IdempotencyStore, batch: list[Posting]) -> None:
     """Apply a batch inside the caller's write transaction; see the module docstring."""
-    accounts = await _lock_accounts(conn, batch)
+    accounts = _lock_accounts(conn, batch)
     for posting in batch:
         if posting.idempotency is not None:
             try:
-                posting.replay = await store.claim(conn, posting.idempotency)
+                posting.replay = store.claim(conn, posting.idempotency)
             except KeelError as exc:
                 posting.error = exc
             else:
@@ -176,13 +152,13 @@ async def apply_batch(conn: AsyncConnection, store: IdempotencyStore, batch: lis
         if posting.accepted:
             _apply(posting, accounts)
     refused_claims = [p.idempotency for p in batch if p.claimed and p.error is not None]
-    await _release_claims(conn, refused_claims)
+    _release_claims(conn, store, refused_claims)
     accepted = [p for p in batch if p.accepted]
     if accepted:
-        await _write(conn, store, accepted, accounts)
+        _write(conn, store, accepted, accounts)
 
 
-async def _lock_accounts(conn: AsyncConnection, batch: list[Posting]) -> dict[int, _Account]:
+def _lock_accounts(conn: Connection, batch: list[Posting]) -> dict[int, _Account]:
     ids = sorted({leg.user_id for posting in batch for leg in posting.legs})
     query = (
         select(users.c.id, users.c.balance, users.c.overdraft_limit)
@@ -190,7 +166,7 @@ async def _lock_accounts(conn: AsyncConnection, batch: list[Posting]) -> dict[in
         .order_by(users.c.id)
         .with_for_update()  # PostgreSQL; SQLite already holds the write lock
     )
-    rows = (await conn.execute(query)).all()
+    rows = (conn.execute(query)).all()
     return {row.id: _Account(row.balance, row.overdraft_limit) for row in rows}
 
 
@@ -221,27 +197,23 @@ def _apply(posting: Posting, accounts: dict[int, _Account]) -> None:
         accounts[user_id].touched = True
 
 
-async def _release_claims(conn: AsyncConnection, claims: list[IdempotentRequest | None]) -> None:
+def _release_claims(
+    conn: Connection, store: IdempotencyStore, claims: list[IdempotentRequest | None]
+) -> None:
     """Forget the keys of refused postings: only successes are replayed."""
     for req in claims:
         assert req is not None
-        await conn.execute(
-            delete(idempotency_keys).where(
-                idempotency_keys.c.service == req.service,
-                idempotency_keys.c.api_key_id == req.api_key_id,
-                idempotency_keys.c.key == req.key,
-            )
-        )
+        store.release(conn, req)
 
 
-async def _write(
-    conn: AsyncConnection,
+def _write(
+    conn: Connection,
     store: IdempotencyStore,
     accepted: list[Posting],
     accounts: dict[int, _Account],
 ) -> None:
     now = datetime.now(UTC)
-    transfer_ids = await _insert_transfers(conn, [p for p in accepted if p.transfer], now)
+    transfer_ids = _insert_transfers(conn, [p for p in accepted if p.transfer], now)
     entry_rows = [
         {
             "user_id": leg.user_id,
@@ -254,23 +226,18 @@ async def _write(
         for posting in accepted
         for leg, balance_after in zip(posting.legs, posting.balances_after, strict=True)
     ]
-    entry_ids = (
-        (
-            await conn.execute(
-                insert(entries).returning(entries.c.id, sort_by_parameter_order=True), entry_rows
-            )
-        )
-        .scalars()
-        .all()
-    )
-    results = _build_results(accepted, entry_rows, list(entry_ids), transfer_ids)
-    await conn.execute(
+    entry_ids = allocate_ids(conn, entries, len(entry_rows))
+    for row, entry_id in zip(entry_rows, entry_ids, strict=True):
+        row["id"] = entry_id
+    conn.execute(insert(entries), entry_rows)
+    results = _build_results(accepted, entry_rows, transfer_ids)
+    conn.execute(
         update(users)
         .where(users.c.id == bindparam("uid"))
         .values(balance=bindparam("new_balance")),
         [{"uid": uid, "new_balance": a.balance} for uid, a in accounts.items() if a.touched],
     )
-    await conn.execute(
+    conn.execute(
         insert(outbox),
         [
             {"event_type": "transaction.posted", "payload": _event(txn), "created_at": now}
@@ -280,47 +247,31 @@ async def _write(
     for posting, result in zip(accepted, results, strict=True):
         posting.result = result
         if posting.idempotency is not None:
-            await store.complete(conn, posting.idempotency, 201, result.model_dump_json())
+            store.complete(conn, posting.idempotency, 201, result.model_dump_json())
 
 
-async def _insert_transfers(
-    conn: AsyncConnection, postings: list[Posting], now: datetime
-) -> dict[int, int]:
-    if not postings:
-        return {}
+def _insert_transfers(conn: Connection, postings: list[Posting], now: datetime) -> dict[int, int]:
+    ids = allocate_ids(conn, transfers, len(postings))
     rows = [
         {
+            "id": transfer_id,
             "from_user_id": p.transfer[0],
             "to_user_id": p.transfer[1],
             "amount": p.transfer[2],
             "description": p.description,
             "created_at": now,
         }
-        for p in postings
+        for p, transfer_id in zip(postings, ids, strict=True)
         if p.transfer is not None
     ]
-    ids = (
-        (
-            await conn.execute(
-                insert(transfers).returning(transfers.c.id, sort_by_parameter_order=True), rows
-            )
-        )
-        .scalars()
-        .all()
-    )
+    _INSERT_TRANSFERS.execute(conn, rows)
     return {id(p): transfer_id for p, transfer_id in zip(postings, ids, strict=True)}
 
 
 def _build_results(
-    accepted: list[Posting],
-    entry_rows: list[dict[str, Any]],
-    entry_ids: list[int],
-    transfer_ids: dict[int, int],
+    accepted: list[Posting], entry_rows: list[dict[str, Any]], transfer_ids: dict[int, int]
 ) -> list[Transaction | Transfer]:
-    made = iter(
-        Transaction(id=entry_id, **{k: v for k, v in row.items()})
-        for row, entry_id in zip(entry_rows, entry_ids, strict=True)
-    )
+    made = iter(Transaction(**row) for row in entry_rows)
     results: list[Transaction | Transfer] = []
     for posting in accepted:
         legs = [next(made) for _ in posting.legs]
@@ -350,4 +301,4 @@ def _transactions(results: list[Transaction | Transfer]) -> list[Transaction]:
 
 
 def _event(txn: Transaction) -> str:
-    return json.dumps({"type": "transaction.posted", "data": txn.model_dump(mode="json")})
+    return f'{{"type":"transaction.posted","data":{txn.model_dump_json()}}}'

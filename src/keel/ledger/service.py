@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -48,8 +49,13 @@ async def create_user(conn: AsyncConnection, data: UserCreate) -> User:
     return User(id=user_id, balance=0, created_at=created_at, **data.model_dump())
 
 
-async def get_user(conn: AsyncConnection, user_id: int) -> User:
-    row = (await conn.execute(select(*_USER_COLUMNS).where(users.c.id == user_id))).first()
+# Built once: constructing a statement costs more than running this one (a primary-key lookup).
+_GET_USER = select(*_USER_COLUMNS).where(users.c.id == bindparam("user_id"))
+
+
+def get_user(conn: Connection, user_id: int) -> User:
+    """One account; synchronous so hot paths can run it without a thread hop (Database.run_read)."""
+    row = conn.execute(_GET_USER, {"user_id": user_id}).first()
     if row is None:
         raise UserNotFound(f"No user with id {user_id}.")
     return User.model_validate(row._mapping)
@@ -72,7 +78,7 @@ async def list_transactions(
     conn: AsyncConnection, user_id: int, limit: int, before_id: int | None
 ) -> Page[Transaction]:
     """A user's entries, newest first."""
-    await get_user(conn, user_id)
+    await conn.run_sync(get_user, user_id)
     query = select(
         entries.c.id,
         entries.c.user_id,
