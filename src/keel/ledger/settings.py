@@ -27,6 +27,17 @@ class LedgerSettings(ServiceSettings):
     webhook_backoff_base_seconds: float = Field(default=1.0, gt=0)
     webhook_backoff_max_seconds: float = Field(default=3600.0, gt=0)
     outbox_poll_seconds: float = Field(default=0.5, gt=0)
+    outbox_worker: bool = Field(
+        default=True,
+        description="Run the webhook worker in this process; off for benches or a separate fleet.",
+    )
+    outbox_batch_size: int = Field(default=500, ge=1, le=10_000)
+    webhook_batch_size: int = Field(
+        default=32, ge=1, le=1000, description="Webhook requests in flight at once per worker."
+    )
+    webhook_lease_seconds: float = Field(
+        default=60.0, gt=0, description="How long a claimed delivery is hidden from other workers."
+    )
     max_batch: int = Field(default=512, ge=1)
 
     @model_validator(mode="before")
@@ -37,6 +48,13 @@ class LedgerSettings(ServiceSettings):
                 u.strip() for u in values["webhook_urls"].split(",") if u.strip()
             ]
         return values
+
+    @model_validator(mode="after")
+    def _lease_outlasts_request(self) -> LedgerSettings:
+        # A lease that ends while its request may still run lets a second worker send it too.
+        if self.webhook_lease_seconds <= self.webhook_timeout_seconds:
+            raise ValueError("webhook_lease_seconds must exceed webhook_timeout_seconds")
+        return self
 
     @model_validator(mode="after")
     def _no_dev_secret_in_production(self) -> LedgerSettings:
