@@ -38,6 +38,11 @@ def _other_cores(run: Run) -> float:
     return run.cpu.other_cores
 
 
+def _server_ms_per_request(run: Run) -> float:
+    """Server CPU per request: what a request costs, whatever share of the CPU the run got."""
+    return 1000 * run.cpu.server_cores / max(run.result.requests_per_s, 1e-9)
+
+
 def _check(value: bool | None) -> str:
     return {True: "ok", False: "**FAILED**", None: "—"}[value]
 
@@ -61,7 +66,7 @@ def _row(result: ScenarioResult) -> str:
     target = result.scenario.target_text()
     if not result.ran:
         why = (result.failure or "not run").replace("|", "\\|").replace("\n", " ")
-        return f"| {name} | {workers} | — | — | — | — | — | — | skipped: {why} | {target} | — |"
+        return f"| {name} | {workers} |{' — |' * 7} skipped: {why} | {target} | — |"
     rps = result.rps
     checks = f"audit {_check(result.audit_ok)}, entries {_check(result.entries_consistent)}"
     cells = [
@@ -76,6 +81,7 @@ def _row(result: ScenarioResult) -> str:
             f"{result.median(pick):.2f}"
             for pick in (_server_cores, _database_cores, _wrk_cores, _other_cores)
         ),
+        f"{result.median(_server_ms_per_request):.2f}",
         checks,
         target,
         _met(result),
@@ -98,8 +104,8 @@ def markdown(
         " committed before its 201.",
         "",
         "| scenario | workers | median req/s | min-max req/s | p50 ms | p99 ms | errors"
-        " | CPU cores server / db / wrk / other | checks | target | met? |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+        " | CPU cores server / db / wrk / other | server CPU ms/req | checks | target | met? |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
         *(_row(r) for r in results),
         "",
         "- *errors*: non-2xx answers plus socket errors (timeouts included); a run with any is"
@@ -110,7 +116,8 @@ def markdown(
         "- *CPU cores*: average cores busy during a run (median over runs), from /proc: the"
         " server's processes, the PostgreSQL backends serving its database (SQLite runs inside"
         " the server), wrk, and everything else on the machine (other work, the kernel)."
-        " Other work on the machine makes a number noisy.",
+        " Other work on the machine makes a number noisy; *server CPU ms/req* (server cores over"
+        " req/s) is the cost of one request, and moves much less with it.",
         "",
         "## Scenarios",
         "",
@@ -155,8 +162,8 @@ def plot(results: list[ScenarioResult], path: Path, when: datetime) -> None:
         )  # fmt: skip
         ax.scatter([x] * len(rps), rps, s=10, color="black", zorder=3)
         ax.hlines(r.scenario.target_rps, x - 0.4, x + 0.4, colors="tab:red", linestyles="--")
-        ax.annotate(f"{median:,.0f}/s", (x, median), ha="center", va="bottom", fontsize=8,
-                    xytext=(0, 3), textcoords="offset points")  # fmt: skip
+        ax.annotate(f"{median:,.0f}/s", (x, max(rps)), ha="center", va="bottom", fontsize=8,
+                    xytext=(0, 4), textcoords="offset points")  # fmt: skip
     ax.set_xticks(range(len(ran)))
     ax.set_xticklabels([f"{r.scenario.name}\n{r.workers} worker(s)" for r in ran], fontsize=8)
     ax.set_ylabel("requests/s (median; whiskers: min-max; dots: runs)")
