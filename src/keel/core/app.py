@@ -103,7 +103,12 @@ def _system_router(spec: ServiceSpec) -> APIRouter:
             body["status"] = "degraded"
             body["database"] = {"status": "down", "error": type(exc).__name__}
         if spec.health is not None and body["database"]["status"] == "ok":
-            body.update(await spec.health(plat))
+            try:
+                body.update(await spec.health(plat))
+            except Exception as exc:  # a failing probe degrades health, never 500s it
+                log.warning("%s health probe failed: %r", spec.name, exc)
+                body["status"] = "degraded"
+                body["probe_error"] = type(exc).__name__
         return JSONResponse(body)
 
     @router.get("/ready", summary="503 until the database is reachable and migrated")

@@ -122,6 +122,7 @@ class FastPath:
         if route is None:
             await self.app(scope, receive, send)
             return
+        scope["route"] = route  # what RequestObservation labels metrics and logs with
         response = await self._serve(route, params, scope, receive)
         await response(scope, receive, send)
 

@@ -96,4 +96,6 @@ deliveries = Table(
     Column("delivered_at", UtcDateTime()),
     Column("created_at", UtcDateTime(), nullable=False),
     Index("ix_ledger_webhook_deliveries_due", "state", "next_attempt_at"),
+    Index("ix_ledger_webhook_deliveries_event_id", "event_id"),
+    Index("ix_ledger_webhook_deliveries_state_id", "state", "id"),
 )
