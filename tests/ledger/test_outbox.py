@@ -31,6 +31,7 @@ from keel.ledger.outbox_store import (
     Outcome,
     claim_due_deliveries,
     dispatch_events,
+    purge_settled,
     record_outcomes,
     retry_delay,
 )
@@ -573,3 +574,49 @@ def test_retry_delay_grows_exponentially_with_jitter_and_a_cap() -> None:
 def test_a_lease_shorter_than_the_request_timeout_is_refused(lease: float) -> None:
     with pytest.raises(ValueError, match="webhook_lease_seconds"):
         LedgerSettings(webhook_timeout_seconds=5.0, webhook_lease_seconds=lease)
+
+
+async def test_retention_purge_keeps_failed_and_owed_deliveries(database: Database) -> None:
+    """Old delivered history goes; failed and pending deliveries, and their events, stay."""
+    old = datetime.now(UTC) - timedelta(days=30)
+    async with database.write() as conn:
+        ids = []
+        for _ in range(3):
+            event_id = (
+                await conn.execute(
+                    insert(outbox)
+                    .values(
+                        event_type="transaction.posted",
+                        payload="{}",
+                        created_at=old,
+                        dispatched_at=old,
+                    )
+                    .returning(outbox.c.id)
+                )
+            ).scalar_one()
+            ids.append(event_id)
+        for event_id, state in zip(ids, ["delivered", "failed", "pending"], strict=True):
+            await conn.execute(
+                insert(deliveries).values(
+                    event_id=event_id,
+                    url="http://127.0.0.1:9/",
+                    state=state,
+                    attempts=1,
+                    next_attempt_at=old,
+                    created_at=old,
+                    delivered_at=old if state == "delivered" else None,
+                )
+            )
+    async with database.write() as conn:
+        await purge_settled(conn, datetime.now(UTC) - timedelta(days=7))
+    async with database.read() as conn:
+        left_events = set(
+            (await conn.execute(select(outbox.c.id).where(outbox.c.id.in_(ids)))).scalars()
+        )
+        left_states = set(
+            (
+                await conn.execute(select(deliveries.c.state).where(deliveries.c.event_id.in_(ids)))
+            ).scalars()
+        )
+    assert left_events == {ids[1], ids[2]}
+    assert left_states == {"failed", "pending"}

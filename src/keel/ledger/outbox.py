@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import suppress
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import httpx
@@ -47,6 +47,7 @@ from keel.ledger.outbox_store import (
     dispatch_events,
     give_up_exhausted,
     has_work,
+    purge_settled,
     record_outcomes,
     release_leases,
 )
@@ -63,6 +64,7 @@ DELIVERY_OUTCOMES = Counter(
 EVENTS_DISPATCHED = Counter(
     "keel_ledger_outbox_events_dispatched_total", "Outbox events turned into webhook deliveries."
 )
+_PURGE_EVERY_SECONDS = 600.0
 _MAX_ERROR_PAUSE = 30.0  # a worker facing a down database retries at least this often
 _SHUTDOWN_WRITE_SECONDS = 5.0  # a stuck database must not hold up shutdown; leases expire anyway
 
@@ -127,6 +129,7 @@ class OutboxWorker:
         self._unrecorded: list[Outcome] = []  # answered, not yet written (the database was down)
         self.consecutive_errors = 0
         self.last_error: str | None = None
+        self._next_purge = 0.0  # monotonic time of the next retention purge
 
     @property
     def state(self) -> Literal["running", "stopped"]:
@@ -197,7 +200,21 @@ class OutboxWorker:
             )
             return pause
         self.consecutive_errors = 0
+        if not busy:
+            await self._purge_if_due()
         return 0.0 if busy else self._settings.outbox_poll_seconds
+
+    async def _purge_if_due(self) -> None:
+        """Drop settled history older than ``outbox_retention_hours``, every ten minutes at most."""
+        now = asyncio.get_running_loop().time()
+        if now < self._next_purge:
+            return
+        self._next_purge = now + _PURGE_EVERY_SECONDS
+        cutoff = datetime.now(UTC) - timedelta(hours=self._settings.outbox_retention_hours)
+        async with self._database.write() as conn:
+            purged = await purge_settled(conn, cutoff)
+        if any(purged):
+            log.info("purged %d delivered deliveries and %d settled events", *purged)
 
     async def run_once(self) -> bool:
         """Record answers, dispatch events, fill free request slots; True if anything happened."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Select, and_, exists, func, or_, select, update
+from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -304,3 +304,20 @@ async def list_deliveries(
     items = [Delivery.model_validate(row._mapping) for row in rows[:limit]]
     more = len(rows) > limit
     return Page(items=items, next_cursor=encode_cursor(items[-1].id) if more else None)
+
+
+async def purge_settled(conn: AsyncConnection, before: datetime) -> tuple[int, int]:
+    """Delete deliveries delivered before ``before`` and events with nothing left to deliver.
+
+    Failed deliveries stay until someone looks at them; so do their events.
+    """
+    gone = await conn.execute(
+        delete(deliveries).where(
+            deliveries.c.state == "delivered", deliveries.c.delivered_at < before
+        )
+    )
+    still_owed = select(deliveries.c.id).where(deliveries.c.event_id == outbox.c.id).exists()
+    events_gone = await conn.execute(
+        delete(outbox).where(outbox.c.dispatched_at < before, ~still_owed)
+    )
+    return int(gone.rowcount or 0), int(events_gone.rowcount or 0)

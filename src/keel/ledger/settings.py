@@ -38,6 +38,9 @@ class LedgerSettings(ServiceSettings):
     webhook_lease_seconds: float = Field(
         default=60.0, gt=0, description="How long a claimed delivery is hidden from other workers."
     )
+    outbox_retention_hours: float = Field(
+        default=168.0, gt=0, description="Delivered webhooks and their events are kept this long."
+    )
     max_batch: int = Field(default=512, ge=1)
 
     @model_validator(mode="before")
