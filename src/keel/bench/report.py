@@ -9,6 +9,8 @@ from pathlib import Path
 from keel.bench import wrk
 from keel.bench.runner import BenchOptions, Run, ScenarioResult
 
+NOISY_OTHER_CORES = 0.25
+
 
 def _p50(run: Run) -> float:
     return run.result.p50_ms
@@ -108,6 +110,7 @@ def markdown(
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
         *(_row(r) for r in results),
         "",
+        *_noise_warning(results),
         "- *errors*: non-2xx answers plus socket errors (timeouts included); a run with any is"
         " flagged and its scenario does not count as meeting its target.",
         "- *checks*: `keel ledger audit` on the database afterwards (every balance equals the sum"
@@ -134,6 +137,20 @@ def markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def _noise_warning(results: list[ScenarioResult]) -> list[str]:
+    """Say so when other work took a real share of the machine: then the numbers are low."""
+    ran = [r for r in results if r.ran]
+    other = max((r.median(_other_cores) for r in ran), default=0.0)
+    if other < NOISY_OTHER_CORES:
+        return []
+    return [
+        f"**Noisy machine:** other processes kept up to {other:.2f} cores busy (median of a"
+        " scenario's runs) while these were measured, so req/s and latencies understate the"
+        " service; compare *server CPU ms/req* instead.",
+        "",
+    ]
 
 
 def _unique_scenarios(results: list[ScenarioResult]) -> list[ScenarioResult]:
