@@ -1,0 +1,124 @@
+"""What every service serves besides its API: /health, /ready, /metrics, and request ids."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from keel.core.migrate import upgrade
+from keel.ledger.app import create_app
+from keel.ledger.settings import LedgerSettings
+from tests import backends
+
+
+@asynccontextmanager
+async def _ledger(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(LedgerSettings(database_url=database_url, access_log=False))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://ledger.test"
+        ) as client,
+    ):
+        yield client
+
+
+@pytest.fixture
+async def empty_database_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A reachable database with no schema at all."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    url = await backends.create_postgres_database()
+    try:
+        yield url
+    finally:
+        await backends.drop_postgres_database(url)
+
+
+async def test_health_reports_the_database(client: httpx.AsyncClient, backend: str) -> None:
+    response = await client.get("/health", headers={"Authorization": ""})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok" and body["service"] == "ledger"
+    assert body["database"] == {
+        "status": "ok",
+        "dialect": {"sqlite": "sqlite", "postgres": "postgresql"}[backend],
+    }
+
+
+async def test_ready_once_migrated(client: httpx.AsyncClient) -> None:
+    response = await client.get("/ready")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready"}
+
+
+async def test_not_ready_until_migrated(empty_database_url: str) -> None:
+    async with _ledger(empty_database_url) as client:
+        before = await client.get("/ready")
+        await upgrade(empty_database_url, "ledger")
+        after = await client.get("/ready")
+    assert before.status_code == 503
+    assert before.headers["content-type"].startswith("application/problem+json")
+    assert before.json()["code"] == "not_ready"
+    assert "keel db upgrade" in before.json()["detail"]
+    assert after.status_code == 200  # no restart needed
+
+
+async def test_unreachable_database_is_degraded_and_not_ready() -> None:
+    async with _ledger("postgresql://keel@127.0.0.1:9/nowhere") as client:
+        health = await client.get("/health")
+        ready = await client.get("/ready")
+    assert health.status_code == 200  # liveness: the process itself is fine
+    assert health.json()["status"] == "degraded"
+    assert health.json()["database"]["status"] == "down"
+    assert ready.status_code == 503 and ready.json()["code"] == "not_ready"
+
+
+async def test_metrics_are_prometheus_text(client: httpx.AsyncClient) -> None:
+    await client.get("/health")
+    await client.get("/users/999999999")
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert "# TYPE keel_http_requests_total counter" in text
+    # Labelled by route template, not raw path, so user ids cannot blow up the series count.
+    assert re.search(
+        r'keel_http_requests_total\{method="GET",route="/users/\{user_id\}",'
+        r'service="ledger",status="404"\} [1-9]',
+        text,
+    ), text
+    assert "/users/999999999" not in text
+    assert "keel_http_request_duration_seconds_bucket" in text
+
+
+async def test_request_id_is_echoed(client: httpx.AsyncClient) -> None:
+    response = await client.get("/health", headers={"X-Request-ID": "trace-abc-123"})
+    assert response.headers["X-Request-ID"] == "trace-abc-123"
+
+
+async def test_request_id_is_made_when_missing_or_unfit(client: httpx.AsyncClient) -> None:
+    missing = await client.get("/health")
+    too_long = await client.get("/health", headers={"X-Request-ID": "x" * 129})
+    ids = [missing.headers["X-Request-ID"], too_long.headers["X-Request-ID"]]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in ids)
+    assert ids[0] != ids[1]
+
+
+async def test_error_replies_carry_the_request_id_too(client: httpx.AsyncClient) -> None:
+    response = await client.get("/users/0", headers={"X-Request-ID": "bad-input-1"})
+    assert response.status_code == 422
+    assert response.headers["X-Request-ID"] == "bad-input-1"
+
+
+async def test_openapi_and_docs_are_served(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    for path in ("/users", "/search", "/transactions", "/transfers", "/audit", "/health"):
+        assert path in schema["paths"], path
+    assert (await client.get("/docs")).status_code == 200

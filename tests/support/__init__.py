@@ -1,0 +1,1 @@
+"""Test support: real server processes and waiting on conditions with a deadline."""
