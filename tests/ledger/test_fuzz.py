@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 # The document the server will serve; building the app opens nothing (that is the lifespan's).
 SCHEMA = schemathesis.openapi.from_dict(
-    create_app(LedgerSettings(database_url="sqlite:///unused.db")).openapi()
+    create_app(LedgerSettings(env="dev", database_url="sqlite:///unused.db")).openapi()
 )
 OPERATIONS = [result.ok() for result in SCHEMA.get_all_operations()]
 EXAMPLES = int(os.environ.get("KEEL_TEST_FUZZ_EXAMPLES", "60"))

@@ -78,7 +78,8 @@ def _keel_command() -> list[str]:
     which re-imports the parent's main *file* in every worker before the worker can answer the
     supervisor's health check. Through the script that file imports the whole CLI (seconds of
     CPU on a busy two-core machine), the check times out after 5 s, and the supervisor kills and
-    respawns the worker again and again. A ``-c`` main has no file to re-import.
+    respawns the worker again and again. A ``-c`` main has no file to re-import. (Reported:
+    ``keel serve`` itself should give uvicorn a longer ``timeout_worker_healthcheck``.)
     """
     return [sys.executable, "-c", "from keel.cli import app; app()"]
 
@@ -112,6 +113,16 @@ class LiveServer:
         """Start the server and return once every worker process answers requests."""
         if self.process is not None:
             raise ServerError("already running")
+        for attempt in range(3):
+            try:
+                return self._start_once(timeout)
+            except ServerError as exc:
+                # The free port was taken between our probe and the server's bind: try another.
+                if "address already in use" not in str(exc).lower() or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> LiveServer:
         self.starts += 1
         self.port = free_port()
         self.metrics_dir.mkdir(parents=True)
