@@ -62,6 +62,9 @@ def _uvicorn_options(host: str, port: int, workers: int) -> dict[str, Any]:
         "log_level": "warning",
         "timeout_graceful_shutdown": 10,
         "backlog": 4096,
+        # Spawned workers re-import keel before answering the supervisor; on a busy machine
+        # uvicorn's default 5 s would kill and respawn them in a loop.
+        "timeout_worker_healthcheck": 60,
     }
 
 

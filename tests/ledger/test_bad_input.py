@@ -32,17 +32,6 @@ MAX_ID = 2**63 - 1
 UNKNOWN_ID = 2**62  # a valid id no test ever reaches
 INVALID_JSON = (400, "invalid_json")
 VALIDATION = (422, "validation_error")
-BUG_PARSE_CODE = pytest.mark.xfail(
-    strict=True,
-    reason="SRC BUG (reported): on routes FastAPI serves, bodies json.loads cannot parse "
-    "(invalid UTF-8, nesting past the recursion limit, integers over 4300 digits) get "
-    "400 'http_error' instead of 'invalid_json' like other malformed JSON",
-)
-BUG_FAST_UTF8 = pytest.mark.xfail(
-    strict=True,
-    reason="SRC BUG (reported): the fast path answers invalid UTF-8 in a JSON string with a "
-    "500: msgspec raises UnicodeDecodeError, which FastPath._serve does not catch",
-)
 
 
 @dataclass(frozen=True)
@@ -155,7 +144,6 @@ BAD_POSTINGS = [
         "invalid-utf8",
         lambda u, _: b'{"user_id": %d, "amount": 1, "description": "\xff"}' % u,
         *INVALID_JSON,
-        marks=(BUG_FAST_UTF8,),
     ),
     # Valid JSON that no parser should choke on: a type error (422) or a parse refusal (400).
     Bad("deep-nesting", "[" * 50_000 + "]" * 50_000, *VALIDATION, or_else=INVALID_JSON),
@@ -171,14 +159,12 @@ BAD_POSTINGS = [
         b'{"username": "\xff\xfe"}',
         *INVALID_JSON,
         "/users",
-        marks=(BUG_PARSE_CODE,),
     ),
     Bad(
         "user-deep-nesting",
         '{"username": ' + "[" * 50_000 + "]" * 50_000 + "}",
         *VALIDATION,
         "/users",
-        marks=(BUG_PARSE_CODE,),
         or_else=INVALID_JSON,
     ),
     Bad(
@@ -186,7 +172,6 @@ BAD_POSTINGS = [
         lambda u, _: f'{{"username": "{unique()}", "overdraft_limit": {"9" * 5000}}}',
         *VALIDATION,
         "/users",
-        marks=(BUG_PARSE_CODE,),
         or_else=INVALID_JSON,
     ),
     # Transfers.
@@ -246,7 +231,6 @@ BAD_POSTINGS = [
         ),
         *INVALID_JSON,
         "/transfers",
-        marks=(BUG_FAST_UTF8,),
     ),
     Bad(
         "transfer-legacy-fields",
@@ -293,13 +277,6 @@ BAD_POSTINGS = [
         422,
         "validation_error",
         "/users",
-        marks=(
-            pytest.mark.xfail(
-                strict=True,
-                reason="SRC BUG (reported): the email pattern lets NUL through: stored on "
-                "SQLite, a 500 on PostgreSQL (asyncpg refuses 0x00 in text)",
-            ),
-        ),
     ),
     Bad(
         "user-bad-email",

@@ -76,6 +76,8 @@ def _apply_sqlite_rules(engine: Engine, settings: ServiceSettings, *, direct: bo
         cursor.execute(f"PRAGMA synchronous={settings.sqlite_synchronous}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
+        # SQLite's lower() folds ASCII only; search promises case-insensitivity for every script.
+        dbapi_connection.create_function("lower", 1, _unicode_lower, deterministic=True)
 
     if direct:
         return
@@ -84,6 +86,10 @@ def _apply_sqlite_rules(engine: Engine, settings: ServiceSettings, *, direct: bo
     def _on_begin(conn: Connection) -> None:
         immediate = conn.get_execution_options().get(_WRITE, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _unicode_lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
 
 
 class Database:

@@ -153,6 +153,7 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
 
 
 _HTTP_CODES = {
+    400: ("invalid_json", "Malformed JSON"),  # FastAPI's "error parsing the body"
     404: ("not_found", "Not found"),
     405: ("method_not_allowed", "Method not allowed"),
     413: ("payload_too_large", "Request body too large"),

@@ -141,7 +141,7 @@ class FastPath:
                     body = msgspec.json.decode(raw, type=route.body_type)
                 except msgspec.ValidationError as exc:
                     return validation_problem(exc)
-                except msgspec.DecodeError as exc:
+                except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                     return _invalid_json(str(exc))
             return await route.handler(platform, FastRequest(body, key, headers, params))
         except BodyTooLarge:

@@ -116,7 +116,7 @@ async def get_user(user_id: UserId, _key: ReadKey, plat: PlatformDep) -> Respons
 async def search_users(
     _key: ReadKey,
     plat: PlatformDep,
-    q: Annotated[str, Query(min_length=1, max_length=64)],
+    q: Annotated[str, Query(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")],
     limit: Limit = 20,
     cursor: Cursor = None,
 ) -> Page[User]:

@@ -21,7 +21,11 @@ PositiveAmount = Annotated[int, Field(strict=True, ge=1, le=MAX_AMOUNT, descript
 Username = Annotated[
     str, StringConstraints(min_length=1, max_length=64), Field(pattern=r"^[^\x00-\x1f\x7f]+$")
 ]
-Email = Annotated[str, StringConstraints(max_length=254), Field(pattern=r"^[^@\s]+@[^@\s]+$")]
+Email = Annotated[
+    str,
+    StringConstraints(max_length=254),
+    Field(pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$"),
+]
 Description = Annotated[str, StringConstraints(max_length=500), Field(pattern=r"^[^\x00]*$")]
 
 
