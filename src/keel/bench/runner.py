@@ -174,7 +174,8 @@ class _ScenarioRun:
             "apikey", "create", "--scope", "admin", "--service", "ledger", "--name", "bench",
             "--database-url", url, log=log,
         ).strip().splitlines()[-1]  # fmt: skip
-        server = stage.Server(url, self.result.workers, options.server_env(), log)
+        env = {**options.server_env(), **dict(self.result.scenario.env)}
+        server = stage.Server(url, self.result.workers, env, log)
         try:
             with server:
                 self._drive(server, key, url)

@@ -11,6 +11,8 @@ posting batcher); services receive the connection and never commit.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -102,7 +104,8 @@ class Database:
         self._write_engine = engine.execution_options(**{_WRITE: True})
         self._direct: Connection | None = None
         self._reader: Connection | None = None
-        self._direct_lock = asyncio.Lock()
+        self._lock_fd: int | None = None
+        self._write_lock = asyncio.Lock()
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> Database:
@@ -115,7 +118,12 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction: commits if the block succeeds, rolls back if it raises."""
-        async with self._write_engine.begin() as conn:
+        if not self.is_sqlite:
+            async with self._write_engine.begin() as conn:
+                yield conn
+            return
+        # Every SQLite writer of this process, and of every process on the file, takes its turn.
+        async with self._write_lock, self._writer_turn(), self._write_engine.begin() as conn:
             yield conn
 
     @asynccontextmanager
@@ -131,19 +139,23 @@ class Database:
         on this loop. On SQLite it runs directly on a plain sqlite3 connection, on this thread: a
         batch is a few statements against a local file, and running them here costs far less than
         handing each one to a driver thread and waiting for the GIL to come back under load.
-        Waiting for another process's write lock happens in ``asyncio.sleep``, never blocking.
+        Worker processes take turns through a file lock beside the database (the kernel hands it
+        over the moment it is released, where SQLite's busy handler sleeps in coarse steps); other
+        writers are waited for with ``asyncio.sleep``. Neither ever blocks the event loop.
         """
         if not self.is_sqlite:
             async with self.write() as conn:
                 return await conn.run_sync(work)
-        async with self._direct_lock:
+        async with self._write_lock, self._writer_turn():
             direct = self._direct_connection()
             transaction = direct.begin()  # bookkeeping only: the driver's BEGIN is ours, below
             try:
                 await self._begin_immediate(direct)
                 result = work(direct)
-                # COMMIT waits for fsync (synchronous=FULL): off the loop, so requests keep flowing.
-                await asyncio.to_thread(transaction.commit)
+                # COMMIT waits for fsync (synchronous=FULL) on this thread. Measured: handing it to
+                # a thread cost more in resuming the batch late than the blocked loop did; and with
+                # two worker processes one commits while the other serves HTTP.
+                transaction.commit()
             except BaseException:
                 if transaction.is_active:
                     transaction.rollback()
@@ -165,6 +177,35 @@ class Database:
         with self._reader.begin():
             return work(self._reader)
 
+    @asynccontextmanager
+    async def _writer_turn(self) -> AsyncIterator[None]:
+        """Hold the cross-process writer lock file for the length of one write transaction."""
+        fd = self._writer_lock_fd()
+        if fd is None:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting = asyncio.ensure_future(asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX))
+            try:
+                await asyncio.shield(waiting)
+            except asyncio.CancelledError:  # the lock still arrives; give it straight back
+                waiting.add_done_callback(lambda _: fcntl.flock(fd, fcntl.LOCK_UN))
+                raise
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _writer_lock_fd(self) -> int | None:
+        if self._lock_fd is None:
+            database = self.engine.url.database
+            if not database or database == ":memory:" or database.startswith("file:"):
+                return None
+            self._lock_fd = os.open(f"{database}-writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        return self._lock_fd
+
     def _direct_connection(self) -> Connection:
         if self._direct is None or self._direct.closed:
             self._direct = self._open_direct()
@@ -172,7 +213,7 @@ class Database:
 
     def _open_direct(self) -> Connection:
         url = self.engine.url.set(drivername="sqlite+pysqlite")
-        # Used by one task at a time (the lock in run_write); COMMIT may finish on a worker thread.
+        # One task at a time uses it (the write lock); any thread may close it at shutdown.
         engine = sa_create_engine(
             url, poolclass=StaticPool, connect_args={"check_same_thread": False}
         )
@@ -202,6 +243,9 @@ class Database:
                 direct.close()
                 direct.engine.dispose()
         self._direct = self._reader = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         await self.engine.dispose()
 
 

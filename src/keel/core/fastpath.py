@@ -93,11 +93,18 @@ def _invalid_json(detail: str) -> Response:
 
 
 class FastPath:
-    """Pure ASGI middleware: serves the registered fast routes, passes everything else on."""
+    """Serves the registered fast routes; passes everything else on to ``app``."""
 
-    def __init__(self, app: ASGIApp, routes: list[FastRoute], enabled: bool = True) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: list[FastRoute],
+        enabled: bool = True,
+        platform_of: Callable[[Scope], Any] = lambda scope: scope["app"].state.platform,
+    ) -> None:
         self.app = app
         self.enabled = enabled
+        self.platform_of = platform_of
         self._exact: dict[tuple[str, str], FastRoute] = {}
         self._patterned: list[tuple[str, re.Pattern[str], FastRoute]] = []
         for route in routes:
@@ -106,22 +113,26 @@ class FastPath:
             else:
                 self._exact[(route.method, route.path)] = route
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def match(self, scope: Scope) -> tuple[FastRoute, dict[str, str]] | None:
+        """The fast route serving this request, with its path parameters, if any."""
         if not self.enabled or scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+            return None
         method, path = scope["method"], scope["path"]
         route = self._exact.get((method, path))
-        params: dict[str, str] = {}
-        if route is None:
-            for route_method, pattern, candidate in self._patterned:
-                match = pattern.match(path) if route_method == method else None
-                if match:
-                    route, params = candidate, match.groupdict()
-                    break
-        if route is None:
+        if route is not None:
+            return route, {}
+        for route_method, pattern, candidate in self._patterned:
+            found = pattern.match(path) if route_method == method else None
+            if found:
+                return candidate, found.groupdict()
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        matched = self.match(scope)
+        if matched is None:
             await self.app(scope, receive, send)
             return
+        route, params = matched
         scope["route"] = route  # what RequestObservation labels metrics and logs with
         response = await self._serve(route, params, scope, receive)
         await response(scope, receive, send)
@@ -130,7 +141,7 @@ class FastPath:
         self, route: FastRoute, params: dict[str, str], scope: Scope, receive: Receive
     ) -> Response:
         headers = Headers(scope=scope)
-        platform = scope["app"].state.platform
+        platform = self.platform_of(scope)
         try:
             key = await platform.api_keys.authenticate(headers, route.scope)
             await platform.rate_limiter.check(str(key.id))
