@@ -139,6 +139,13 @@ def problem_response(
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
+def invalid_request(errors: list[dict[str, Any]]) -> Response:
+    """422 ``validation_error`` with ``errors: [{loc, msg}]``, as every validation failure reads."""
+    return problem_response(
+        422, "validation_error", "Invalid request", "The request failed validation.", errors=errors
+    )
+
+
 def render(error: KeelError) -> Response:
     return problem_response(
         error.status, error.code, error.title, error.detail, headers=error.headers
@@ -191,13 +198,7 @@ def _validation_problem(exc: RequestValidationError) -> Response:
             "The request body is not valid JSON.",
             errors=errors,
         )
-    return problem_response(
-        422,
-        "validation_error",
-        "Invalid request",
-        "The request failed validation.",
-        errors=errors,
-    )
+    return invalid_request(errors)
 
 
 async def _handle(_request: Request, exc: Exception) -> Response:

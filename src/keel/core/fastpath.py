@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from keel.core.auth import ApiKey
 from keel.core.auth import Scope as KeyScope
-from keel.core.errors import problem_response, render_exception
+from keel.core.errors import invalid_request, problem_response, render_exception
 from keel.core.limits import BodyTooLarge
 
 log = logging.getLogger("keel.fastpath")
@@ -73,13 +73,7 @@ def validation_problem(exc: msgspec.ValidationError) -> Response:
     field = _FIELD.search(message)
     if field:
         loc.append(field.group("name"))
-    return problem_response(
-        422,
-        "validation_error",
-        "Invalid request",
-        "The request failed validation.",
-        errors=[{"loc": loc, "msg": message}],
-    )
+    return invalid_request([{"loc": loc, "msg": message}])
 
 
 def _invalid_json(detail: str) -> Response:

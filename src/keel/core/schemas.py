@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Generic, TypeVar
+from collections.abc import Sequence
+from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Query
 from pydantic import BaseModel, Field
@@ -29,6 +30,16 @@ class Page(BaseModel, Generic[T]):
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null at the end."
     )
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def keyset_page(rows: Sequence[Any], limit: int, model: type[M]) -> Page[M]:
+    """A page from ``limit + 1`` rows fetched in id order: the extra row says there is more."""
+    items = [model.model_validate(row._mapping) for row in rows[:limit]]
+    more = len(rows) > limit
+    return Page(items=items, next_cursor=encode_cursor(rows[limit - 1].id) if more else None)
 
 
 def encode_cursor(last_id: int) -> str:

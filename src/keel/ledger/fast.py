@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from keel.core.app import Platform
 from keel.core.auth import Scope
-from keel.core.errors import problem_response
+from keel.core.errors import invalid_request
 from keel.core.fastpath import FastRequest, FastRoute
 from keel.core.schemas import MAX_ID
 from keel.ledger import service
@@ -40,13 +40,7 @@ class TransferBody(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def _invalid(loc: list[str], msg: str) -> Response:
-    return problem_response(
-        422,
-        "validation_error",
-        "Invalid request",
-        "The request failed validation.",
-        errors=[{"loc": loc, "msg": msg}],
-    )
+    return invalid_request([{"loc": loc, "msg": msg}])
 
 
 async def post_transaction(plat: Platform, request: FastRequest[TransactionBody]) -> Response:

@@ -21,7 +21,7 @@ from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
-from keel.core.schemas import Page, encode_cursor
+from keel.core.schemas import Page, keyset_page
 from keel.ledger.schemas import Delivery
 from keel.ledger.settings import LedgerSettings
 from keel.ledger.tables import deliveries, outbox
@@ -301,9 +301,7 @@ async def list_deliveries(
     if before_id is not None:
         query = query.where(deliveries.c.id < before_id)
     rows = (await conn.execute(query.order_by(deliveries.c.id.desc()).limit(limit + 1))).all()
-    items = [Delivery.model_validate(row._mapping) for row in rows[:limit]]
-    more = len(rows) > limit
-    return Page(items=items, next_cursor=encode_cursor(items[-1].id) if more else None)
+    return keyset_page(rows, limit, Delivery)
 
 
 async def purge_settled(conn: AsyncConnection, before: datetime) -> tuple[int, int]:

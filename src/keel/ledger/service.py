@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keel.core.schemas import Page, encode_cursor
+from keel.core.schemas import Page, keyset_page
 from keel.ledger.errors import UsernameTaken, UserNotFound
 from keel.ledger.schemas import AccountAudit, AuditReport, Transaction, User, UserCreate
 from keel.ledger.tables import entries, users
@@ -69,9 +69,7 @@ async def search_users(
     if after_id is not None:
         query = query.where(users.c.id > after_id)
     rows = (await conn.execute(query.order_by(users.c.id).limit(limit + 1))).all()
-    items = [User.model_validate(row._mapping) for row in rows[:limit]]
-    more = len(rows) > limit
-    return Page(items=items, next_cursor=encode_cursor(items[-1].id) if more else None)
+    return keyset_page(rows, limit, User)
 
 
 async def list_transactions(
@@ -91,9 +89,7 @@ async def list_transactions(
     if before_id is not None:
         query = query.where(entries.c.id < before_id)
     rows = (await conn.execute(query.order_by(entries.c.id.desc()).limit(limit + 1))).all()
-    items = [Transaction.model_validate(row._mapping) for row in rows[:limit]]
-    more = len(rows) > limit
-    return Page(items=items, next_cursor=encode_cursor(items[-1].id) if more else None)
+    return keyset_page(rows, limit, Transaction)
 
 
 async def audit(conn: AsyncConnection) -> AuditReport:
