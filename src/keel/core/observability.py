@@ -8,12 +8,14 @@ aggregates every worker's counters.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import secrets
 import sys
 import time
-import uuid
+from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -86,7 +88,18 @@ def _request_id(scope: Scope) -> str:
             candidate = value.decode("latin-1")
             if 0 < len(candidate) <= 128 and candidate.isprintable():
                 return str(candidate)
-    return uuid.uuid4().hex
+    return _new_request_id()
+
+
+def _request_ids() -> Iterator[str]:
+    """Ids unique across processes and restarts without a syscall per request: 64 random bits
+    drawn once per process, then a counter."""
+    prefix = secrets.token_hex(8)
+    for n in itertools.count():
+        yield f"{prefix}{n:08x}"
+
+
+_new_request_id = _request_ids().__next__
 
 
 class RequestObservation:
@@ -96,6 +109,9 @@ class RequestObservation:
         self.app = app
         self.service = service
         self.log_requests = log_requests
+        # Metric children by label values: prometheus_client's labels() takes a lock each call.
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._histograms: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -124,8 +140,16 @@ class RequestObservation:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         method = scope["method"]
-        REQUESTS.labels(self.service, method, template, str(status)).inc()
-        LATENCY.labels(self.service, method, template).observe(elapsed)
+        counter = self._counters.get((method, template, status))
+        if counter is None:
+            counter = REQUESTS.labels(self.service, method, template, str(status))
+            self._counters[(method, template, status)] = counter
+        histogram = self._histograms.get((method, template))
+        if histogram is None:
+            histogram = LATENCY.labels(self.service, method, template)
+            self._histograms[(method, template)] = histogram
+        counter.inc()
+        histogram.observe(elapsed)
         if self.log_requests:
             access_log.info(
                 "%s %s %d %.1fms",
