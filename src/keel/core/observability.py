@@ -96,7 +96,7 @@ def _request_ids() -> Iterator[str]:
     drawn once per process, then a counter."""
     prefix = secrets.token_hex(8)
     for n in itertools.count():
-        yield f"{prefix}{n:08x}"
+        yield f"{prefix}{n:016x}"
 
 
 _new_request_id = _request_ids().__next__
