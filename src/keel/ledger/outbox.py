@@ -217,8 +217,13 @@ class OutboxWorker:
             log.info("purged %d delivered deliveries and %d settled events", *purged)
 
     async def run_once(self) -> bool:
-        """Record answers, dispatch events, fill free request slots; True if anything happened."""
-        recorded = await self._record(self._collect_answers(), [])
+        """Record answers, dispatch events, fill free request slots; True if a backlog remains.
+
+        A round that caught up reports idle even if it did some work: under steady posting load
+        the worker then writes a few large batches a second instead of contending for the
+        database's write lock with a small one after every commit of the postings.
+        """
+        await self._record(self._collect_answers(), [])
         async with self._database.read() as conn:
             work = (await conn.execute(has_work(datetime.now(UTC)))).one()
         dispatched = await self._dispatch() if work.events else 0
@@ -226,7 +231,7 @@ class OutboxWorker:
         claimed = 0
         if free > 0 and (work.deliveries or dispatched) and not self._stopping.is_set():
             claimed = await self._claim(free)
-        return recorded + dispatched + claimed > 0
+        return dispatched >= self._settings.outbox_batch_size or (claimed > 0 and claimed >= free)
 
     async def _dispatch(self) -> int:
         async with self._database.write() as conn:
