@@ -10,11 +10,15 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from sqlalchemy.engine import make_url
+
+from keel.core.migrate import upgrade
 
 POSTGRES_URL = os.environ.get("KEEL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("KEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -81,3 +85,18 @@ async def drop_postgres_database(url: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+def migrated_postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database with the ledger's schema, dropped afterwards (a fixture body)."""
+    url = asyncio.run(create_postgres_database())
+    asyncio.run(upgrade(url, "ledger"))
+    yield url
+    asyncio.run(drop_postgres_database(url))
+
+
+def migrated_sqlite_url(directory: Path) -> str:
+    """A fresh SQLite file in ``directory`` with the ledger's schema."""
+    url = f"sqlite:///{directory / 'ledger.db'}"
+    asyncio.run(upgrade(url, "ledger"))
+    return url

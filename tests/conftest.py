@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,6 @@ import pytest
 
 from keel.core.auth import Scope, create_api_key
 from keel.core.database import Database, create_engine
-from keel.core.migrate import upgrade
 from keel.ledger.app import create_app
 from keel.ledger.settings import LedgerSettings
 from tests import backends
@@ -58,10 +56,7 @@ def redis_url() -> str:
 def postgres_url() -> Iterator[str]:
     """One migrated PostgreSQL database for the session; tests own their rows in it."""
     backends.require("postgres", _AVAILABILITY.get("postgres"))
-    url = asyncio.run(backends.create_postgres_database())
-    asyncio.run(upgrade(url, "ledger"))
-    yield url
-    asyncio.run(backends.drop_postgres_database(url))
+    yield from backends.migrated_postgres_database()
 
 
 @pytest.fixture
@@ -70,9 +65,7 @@ def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -
     if backend == "postgres":
         url: str = request.getfixturevalue("postgres_url")
         return url
-    url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    asyncio.run(upgrade(url, "ledger"))
-    return url
+    return backends.migrated_sqlite_url(tmp_path)
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from keel.core.database import Database
 from keel.core.errors import RateLimited
 from keel.core.ratelimit import RateLimiter
 from keel.core.tables import api_keys
-from keel.ledger.app import create_app
 from keel.ledger.settings import LedgerSettings
+from tests.support.apps import ledger_client
 
 
 async def _key_with_fresh_id(database: Database) -> str:
@@ -46,13 +46,7 @@ async def _ledger(
     settings = LedgerSettings(
         database_url=database_url, rate_limit=rate_limit, redis_url=redis_url, access_log=False
     )
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://ledger.test"
-        ) as client,
-    ):
+    async with ledger_client(settings) as client:
         yield client
 
 

@@ -11,20 +11,14 @@ import httpx
 import pytest
 
 from keel.core.migrate import upgrade
-from keel.ledger.app import create_app
 from keel.ledger.settings import LedgerSettings
 from tests import backends
+from tests.support.apps import ledger_client
 
 
 @asynccontextmanager
 async def _ledger(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(LedgerSettings(database_url=database_url, access_log=False))
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://ledger.test"
-        ) as client,
-    ):
+    async with ledger_client(LedgerSettings(database_url=database_url, access_log=False)) as client:
         yield client
 
 

@@ -25,7 +25,6 @@ from starlette.routing import Route
 
 from keel.core.auth import Scope
 from keel.core.database import Database
-from keel.core.migrate import upgrade
 from keel.ledger.outbox import OutboxWorker
 from keel.ledger.outbox_store import (
     Outcome,
@@ -56,10 +55,7 @@ def private_postgres_url(postgres_url: str) -> Iterator[str]:
     Ledger servers other tests leave running on the session's shared database run outbox workers
     too, with other webhook settings: they would dispatch and deliver this module's events.
     """
-    url = asyncio.run(backends.create_postgres_database())
-    asyncio.run(upgrade(url, "ledger"))
-    yield url
-    asyncio.run(backends.drop_postgres_database(url))
+    yield from backends.migrated_postgres_database()
 
 
 @pytest.fixture
@@ -68,9 +64,7 @@ def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -
     if backend == "postgres":
         url: str = request.getfixturevalue("private_postgres_url")
         return url
-    url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    asyncio.run(upgrade(url, "ledger"))
-    return url
+    return backends.migrated_sqlite_url(tmp_path)
 
 
 # --- a real receiver ---------------------------------------------------------------------------
