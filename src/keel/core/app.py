@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -156,6 +157,26 @@ async def _purge_idempotency_keys(plat: Platform) -> None:
         await asyncio.sleep(600)
 
 
+_heap_settled = False
+
+
+def settle_heap() -> None:
+    """Hide everything alive after start-up from the cyclic garbage collector, once per process.
+
+    A service's modules, classes and caches are about 130,000 objects that live as long as the
+    process. Under load, objects of in-flight requests survive young collections, so full
+    collections run every second or so, and each walked all of them: 60-100 ms with the event loop
+    stopped, the whole of the p99. ``gc.freeze`` moves them to a generation the collector skips;
+    what requests allocate is still collected as before.
+    """
+    global _heap_settled
+    if _heap_settled:
+        return
+    gc.collect()
+    gc.freeze()
+    _heap_settled = True
+
+
 def create_service_app(spec: ServiceSpec, settings: ServiceSettings) -> FastAPI:
     """Build a service's ASGI app."""
 
@@ -171,6 +192,8 @@ def create_service_app(spec: ServiceSpec, settings: ServiceSettings) -> FastAPI:
             idempotency=Idempotency(spec.name, timedelta(hours=settings.idempotency_ttl_hours)),
         )
         app.state.platform = plat
+        if settings.gc_freeze:
+            settle_heap()
         purge = asyncio.create_task(_purge_idempotency_keys(plat))
         try:
             if spec.workers is None:

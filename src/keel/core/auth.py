@@ -8,6 +8,7 @@ a revoked key stops working within that window.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -15,8 +16,10 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import Row, insert, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.datastructures import Headers
 
@@ -89,12 +92,19 @@ def presented_key(headers: Headers) -> str | None:
 
 
 class ApiKeyVerifier:
-    """Checks presented keys against the database, with a short in-process cache."""
+    """Checks presented keys against the database, with a short in-process cache.
+
+    The hot path never waits on the database once a key is known: a cached key is refreshed in the
+    background when it nears the end of its lifetime, and concurrent misses for one key share a
+    single lookup. (Before, every in-flight request missed at the same instant when an entry
+    expired, and 64 of them queued at once for the connection pool: a stall every few seconds.)
+    """
 
     def __init__(self, database: Database, cache_seconds: float) -> None:
         self._database = database
         self._cache_seconds = cache_seconds
         self._cache: dict[bytes, tuple[float, ApiKey | None]] = {}
+        self._fetching: dict[bytes, asyncio.Future[ApiKey | None]] = {}
 
     async def authenticate(self, headers: Headers, required: Scope) -> ApiKey:
         """Return the caller's key or raise 401 (missing/invalid) or 403 (scope too small)."""
@@ -111,25 +121,45 @@ class ApiKeyVerifier:
         return key
 
     async def _lookup(self, digest: bytes) -> ApiKey | None:
-        now = time.monotonic()
         cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        key = await self._fetch(digest)
+        left = cached[0] - time.monotonic() if cached is not None else 0.0
+        if cached is None or left <= 0:
+            # shield: one waiter giving up must not cancel the lookup the others wait for
+            return await asyncio.shield(self._refresh(digest))
+        if left < self._cache_seconds / 5 and digest not in self._fetching:
+            self._refresh(digest)  # nearly stale: look it up again, answer from the cache now
+        return cached[1]
+
+    def _refresh(self, digest: bytes) -> asyncio.Future[ApiKey | None]:
+        """The one lookup of ``digest`` in flight, started if there is none."""
+        fetching = self._fetching.get(digest)
+        if fetching is None:
+            fetching = asyncio.ensure_future(self._fetch_and_cache(digest))
+            # A background refresh may fail (database away) with nobody awaiting it: the next
+            # request that needs the key looks it up again, and sees the error then.
+            fetching.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._fetching[digest] = fetching
+        return fetching
+
+    async def _fetch_and_cache(self, digest: bytes) -> ApiKey | None:
+        try:
+            key = await self._fetch(digest)
+        finally:
+            del self._fetching[digest]
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[digest] = (now + self._cache_seconds, key)
+        self._cache[digest] = (time.monotonic() + self._cache_seconds, key)
         return key
 
     async def _fetch(self, digest: bytes) -> ApiKey | None:
-        async with self._database.read() as conn:
-            row = (
-                await conn.execute(
-                    select(api_keys.c.id, api_keys.c.scope, api_keys.c.key_hash).where(
-                        api_keys.c.key_hash == digest, api_keys.c.revoked_at.is_(None)
-                    )
+        def find(conn: Connection) -> Row[Any, Any, Any] | None:
+            return conn.execute(
+                select(api_keys.c.id, api_keys.c.scope, api_keys.c.key_hash).where(
+                    api_keys.c.key_hash == digest, api_keys.c.revoked_at.is_(None)
                 )
             ).first()
+
+        row = await self._database.run_read(find)
         # The index lookup already matched; compare_digest keeps the final check constant-time.
         if row is None or not hmac.compare_digest(row.key_hash, digest):
             return None

@@ -43,6 +43,7 @@ class ServiceSettings(BaseSettings):
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
     sqlite_busy_timeout_ms: int = Field(default=10_000, ge=0)
     db_pool_size: int = Field(default=10, ge=1)
+    gc_freeze: bool = True  # see keel.core.app.settle_heap; off only to measure the difference
 
     @model_validator(mode="before")
     @classmethod

@@ -1,0 +1,140 @@
+"""The API-key verifier: scopes, revocation within the cache window, and no stampede on a miss."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+from starlette.datastructures import Headers
+
+from keel.core import auth
+from keel.core.auth import ApiKey, ApiKeyVerifier, Scope, hash_key
+from keel.core.database import Database
+from keel.core.errors import Forbidden, Unauthorized
+from keel.core.tables import api_keys
+
+pytestmark = pytest.mark.anyio
+
+CACHE_SECONDS = 5.0
+
+
+class Clock:
+    """Stands in for ``time.monotonic`` in keel.core.auth, so cache ages move without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class CountingVerifier(ApiKeyVerifier):
+    """The real verifier against the real database, counting the lookups it makes."""
+
+    def __init__(self, database: Database) -> None:
+        super().__init__(database, CACHE_SECONDS)
+        self.lookups = 0
+
+    async def _fetch(self, digest: bytes) -> ApiKey | None:
+        self.lookups += 1
+        return await super()._fetch(digest)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(auth.time, "monotonic", fake)
+    return fake
+
+
+def bearer(raw: str) -> Headers:
+    return Headers({"authorization": f"Bearer {raw}"})
+
+
+async def revoke(database: Database, raw: str) -> None:
+    async with database.write() as conn:
+        await conn.execute(
+            update(api_keys)
+            .where(api_keys.c.key_hash == hash_key(raw))
+            .values(revoked_at=datetime.now(UTC))
+        )
+
+
+async def test_scopes_rank_read_below_write_below_admin(database: Database, make_key: Any) -> None:
+    verifier = ApiKeyVerifier(database, CACHE_SECONDS)
+    write_key = await make_key(Scope.WRITE)
+    assert (await verifier.authenticate(bearer(write_key), Scope.READ)).scope is Scope.WRITE
+    assert (await verifier.authenticate(bearer(write_key), Scope.WRITE)).scope is Scope.WRITE
+    with pytest.raises(Forbidden):
+        await verifier.authenticate(bearer(write_key), Scope.ADMIN)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"authorization": "Basic dXNlcjpwYXNz"},
+        {"authorization": "Bearer "},
+        {"authorization": "Bearer keel_00000000_not-a-real-key"},
+        {"x-api-key": "keel_00000000_not-a-real-key"},
+    ],
+)
+async def test_missing_or_unknown_keys_are_refused(
+    database: Database, headers: dict[str, str]
+) -> None:
+    with pytest.raises(Unauthorized):
+        await ApiKeyVerifier(database, CACHE_SECONDS).authenticate(Headers(headers), Scope.READ)
+
+
+async def test_a_revoked_key_stops_working_once_its_cache_entry_expires(
+    database: Database, make_key: Any, clock: Clock
+) -> None:
+    verifier = ApiKeyVerifier(database, CACHE_SECONDS)
+    raw = await make_key(Scope.ADMIN)
+    await verifier.authenticate(bearer(raw), Scope.READ)
+    await revoke(database, raw)
+
+    clock.now += CACHE_SECONDS / 2  # still fresh: the cache answers
+    await verifier.authenticate(bearer(raw), Scope.READ)
+
+    clock.now += CACHE_SECONDS  # expired: the database answers
+    with pytest.raises(Unauthorized):
+        await verifier.authenticate(bearer(raw), Scope.READ)
+
+
+async def test_concurrent_misses_share_one_lookup(
+    database: Database, make_key: Callable[..., Any]
+) -> None:
+    verifier = CountingVerifier(database)
+    raw = await make_key(Scope.WRITE)
+    keys = await asyncio.gather(
+        *(verifier.authenticate(bearer(raw), Scope.WRITE) for _ in range(64))
+    )
+    assert {key.id for key in keys} == {keys[0].id}
+    assert verifier.lookups == 1
+
+
+async def test_a_nearly_stale_key_is_refreshed_without_making_requests_wait(
+    database: Database, make_key: Any, clock: Clock
+) -> None:
+    verifier = CountingVerifier(database)
+    raw = await make_key(Scope.ADMIN)
+    await verifier.authenticate(bearer(raw), Scope.READ)
+    await revoke(database, raw)
+
+    clock.now += CACHE_SECONDS * 0.9  # in the last fifth of its life
+    # Answered from the cache at once; a refresh starts behind it.
+    await verifier.authenticate(bearer(raw), Scope.READ)
+    refreshing = list(verifier._fetching.values())
+    assert len(refreshing) == 1
+    await asyncio.gather(*refreshing)
+    assert verifier.lookups == 2
+
+    # The refresh saw the revocation, so the next request is refused before the old entry expires.
+    with pytest.raises(Unauthorized):
+        await verifier.authenticate(bearer(raw), Scope.READ)
+    assert verifier.lookups == 2
