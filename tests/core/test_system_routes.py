@@ -74,6 +74,18 @@ async def test_unreachable_database_is_degraded_and_not_ready() -> None:
     assert ready.status_code == 503 and ready.json()["code"] == "not_ready"
 
 
+async def test_api_calls_get_503_while_the_database_is_unreachable() -> None:
+    async with _ledger("postgresql://keel@127.0.0.1:9/nowhere") as client:
+        posted = await client.post(
+            "/transactions",
+            json={"user_id": 1, "amount": 5},
+            headers={"Authorization": "Bearer keel_00000000_whatever"},
+        )
+    assert posted.status_code == 503
+    assert posted.json()["code"] == "database_unavailable"
+    assert posted.headers["retry-after"] == "1"
+
+
 async def test_metrics_are_prometheus_text(client: httpx.AsyncClient) -> None:
     await client.get("/health")
     await client.get("/users/999999999")

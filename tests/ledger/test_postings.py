@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import timedelta
 
+import asyncpg
 import httpx
+import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from keel.core.database import Database
+from keel.core.idempotency import IdempotencyStore
+from keel.ledger.postings import Posting, apply_batch
 from keel.ledger.tables import entries, outbox, users
 from tests.ledger.helpers import deposit, new_user
+from tests.support.ledger import row_counts
 
 
 async def _entry_count(database: Database, user_id: int) -> int:
@@ -132,6 +139,27 @@ async def test_concurrent_postings_in_one_batch_are_each_all_or_nothing(
     assert await _entry_count(database, user["id"]) == 11
     assert (await client.get(f"/users/{user['id']}")).json()["balance"] == 0
     assert (await client.get("/audit")).json()["ok"] is True
+
+
+async def test_a_batch_whose_writes_fail_leaves_nothing_behind(
+    client: httpx.AsyncClient, database: Database
+) -> None:
+    """The batch's writes (raw asyncpg on PostgreSQL) run inside its one transaction."""
+    alice, bob = await new_user(client), await new_user(client)
+    await deposit(client, alice["id"], 100)
+    before = await row_counts(database)
+    store = IdempotencyStore(timedelta(hours=1))
+    batch = [
+        Posting.transaction(alice["id"], -30, "fine", None),
+        Posting.transfer_between(alice["id"], bob["id"], 20, "fine too", None),
+        # The API refuses a zero amount; past it, the entries' CHECK constraint fails the insert.
+        Posting.transaction(bob["id"], 0, "breaks the batch's write", None),
+    ]
+    with pytest.raises((IntegrityError, asyncpg.IntegrityConstraintViolationError)):
+        await database.run_write(lambda conn: apply_batch(conn, store, batch))
+    assert await row_counts(database) == before
+    assert (await client.get(f"/users/{alice['id']}")).json()["balance"] == 100
+    assert (await client.get(f"/users/{bob['id']}")).json()["balance"] == 0
 
 
 async def test_history_newest_first_with_cursor(client: httpx.AsyncClient) -> None:

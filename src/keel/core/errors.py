@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
@@ -165,7 +166,14 @@ _HTTP_CODES = {
     405: ("method_not_allowed", "Method not allowed"),
     413: ("payload_too_large", "Request body too large"),
 }
-DATABASE_DOWN = (OperationalError, InterfaceError, ConnectionError)
+# SQLAlchemy's wrappers, the socket's own errors, and asyncpg's for the paths that use it directly.
+DATABASE_DOWN = (
+    OperationalError,
+    InterfaceError,
+    ConnectionError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+)
 
 
 def render_exception(exc: Exception) -> Response:

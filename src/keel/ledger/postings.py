@@ -31,6 +31,7 @@ from keel.core.batching import GroupCommitter
 from keel.core.database import BulkStatement, Database, allocate_ids
 from keel.core.errors import KeelError
 from keel.core.idempotency import IdempotencyStore, IdempotentRequest, StoredResponse
+from keel.ledger import pg_batch
 from keel.ledger.errors import BalanceOutOfRange, InsufficientFunds, UserNotFound
 from keel.ledger.schemas import Transaction, Transfer
 from keel.ledger.tables import entries, outbox, transfers, users
@@ -56,6 +57,7 @@ _UPDATE_BALANCES = BulkStatement(
     update(users).where(users.c.id == bindparam("uid")).values(balance=bindparam("new_balance"))
 )
 
+_EVENT_TYPE = "transaction.posted"
 BALANCE_BOUND = 2**62  # far inside BIGINT, so no sum of in-range amounts can overflow
 
 
@@ -213,59 +215,66 @@ def _write(
     accounts: dict[int, _Account],
 ) -> None:
     now = datetime.now(UTC)
-    transfer_ids = _insert_transfers(conn, [p for p in accepted if p.transfer], now)
-    entry_rows = [
+    moving = [p for p in accepted if p.transfer is not None]
+    entry_count = sum(len(p.legs) for p in accepted)
+    postgres = conn.dialect.name == "postgresql"
+    if postgres:
+        entry_ids, transfer_ids = pg_batch.reserve_ids(conn, entry_count, len(moving))
+    else:
+        entry_ids = allocate_ids(conn, entries, entry_count)
+        transfer_ids = allocate_ids(conn, transfers, len(moving))
+    transfer_of = {id(p): transfer_id for p, transfer_id in zip(moving, transfer_ids, strict=True)}
+    transfer_rows = [
         {
-            "user_id": leg.user_id,
-            "amount": leg.amount,
-            "balance_after": balance_after,
-            "description": posting.description,
-            "transfer_id": transfer_ids.get(id(posting)),
-            "created_at": now,
-        }
-        for posting in accepted
-        for leg, balance_after in zip(posting.legs, posting.balances_after, strict=True)
-    ]
-    entry_ids = allocate_ids(conn, entries, len(entry_rows))
-    for row, entry_id in zip(entry_rows, entry_ids, strict=True):
-        row["id"] = entry_id
-    conn.execute(insert(entries), entry_rows)
-    results = _build_results(accepted, entry_rows, transfer_ids)
-    conn.execute(
-        update(users)
-        .where(users.c.id == bindparam("uid"))
-        .values(balance=bindparam("new_balance")),
-        [{"uid": uid, "new_balance": a.balance} for uid, a in accounts.items() if a.touched],
-    )
-    conn.execute(
-        insert(outbox),
-        [
-            {"event_type": "transaction.posted", "payload": _event(txn), "created_at": now}
-            for txn in _transactions(results)
-        ],
-    )
-    for posting, result in zip(accepted, results, strict=True):
-        posting.result = result
-        if posting.idempotency is not None:
-            store.complete(conn, posting.idempotency, 201, result.model_dump_json())
-
-
-def _insert_transfers(conn: Connection, postings: list[Posting], now: datetime) -> dict[int, int]:
-    ids = allocate_ids(conn, transfers, len(postings))
-    rows = [
-        {
-            "id": transfer_id,
+            "id": transfer_of[id(p)],
             "from_user_id": p.transfer[0],
             "to_user_id": p.transfer[1],
             "amount": p.transfer[2],
             "description": p.description,
             "created_at": now,
         }
-        for p, transfer_id in zip(postings, ids, strict=True)
+        for p in moving
         if p.transfer is not None
     ]
-    _INSERT_TRANSFERS.execute(conn, rows)
-    return {id(p): transfer_id for p, transfer_id in zip(postings, ids, strict=True)}
+    entry_rows = [
+        {
+            "user_id": leg.user_id,
+            "amount": leg.amount,
+            "balance_after": balance_after,
+            "description": posting.description,
+            "transfer_id": transfer_of.get(id(posting)),
+            "created_at": now,
+        }
+        for posting in accepted
+        for leg, balance_after in zip(posting.legs, posting.balances_after, strict=True)
+    ]
+    for row, entry_id in zip(entry_rows, entry_ids, strict=True):
+        row["id"] = entry_id
+    results = _build_results(accepted, entry_rows, transfer_of)
+    balances = [(uid, a.balance) for uid, a in accounts.items() if a.touched]
+    events = [_event(txn) for txn in _transactions(results)]
+    if postgres:
+        pg_batch.write_batch(
+            conn,
+            created_at=now,
+            transfer_rows=transfer_rows,
+            entry_rows=entry_rows,
+            balances=balances,
+            event_type=_EVENT_TYPE,
+            events=events,
+        )
+    else:
+        _INSERT_TRANSFERS.execute(conn, transfer_rows)
+        _INSERT_ENTRIES.execute(conn, entry_rows)
+        _UPDATE_BALANCES.execute(conn, [{"uid": u, "new_balance": b} for u, b in balances])
+        _INSERT_EVENTS.execute(
+            conn,
+            [{"event_type": _EVENT_TYPE, "payload": e, "created_at": now} for e in events],
+        )
+    for posting, result in zip(accepted, results, strict=True):
+        posting.result = result
+        if posting.idempotency is not None:
+            store.complete(conn, posting.idempotency, 201, result.model_dump_json())
 
 
 def _build_results(
@@ -301,4 +310,4 @@ def _transactions(results: list[Transaction | Transfer]) -> list[Transaction]:
 
 
 def _event(txn: Transaction) -> str:
-    return f'{{"type":"transaction.posted","data":{txn.model_dump_json()}}}'
+    return f'{{"type":"{_EVENT_TYPE}","data":{txn.model_dump_json()}}}'

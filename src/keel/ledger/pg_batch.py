@@ -1,0 +1,106 @@
+"""A posting batch's writes on PostgreSQL: two round trips, straight through asyncpg.
+
+SQLAlchemy's execution path costs far more than the statements of a batch do. Measured on a
+16-posting batch with nothing else running: 3.1 ms of CPU and 5.5 ms a batch through SQLAlchemy,
+0.7 ms and 2.4 ms for the same work as raw asyncpg calls; and CPU is what limits postings per
+second. So, inside the batch's transaction (opened by SQLAlchemy's lock query, on this same
+connection), the batch reserves its ids with one query and writes its transfers, entries, balances
+and outbox events with one statement of data-modifying CTEs fed by ``unnest`` arrays.
+
+The functions are synchronous and run inside :meth:`keel.core.database.Database.run_write`, whose
+greenlet lets them wait on asyncpg with SQLAlchemy's ``await_only``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.util import await_only
+
+_RESERVE_IDS = """
+SELECT
+    array(SELECT nextval(pg_get_serial_sequence('ledger_entries', 'id'))
+          FROM generate_series(1, $1)),
+    array(SELECT nextval(pg_get_serial_sequence('ledger_transfers', 'id'))
+          FROM generate_series(1, $2))
+"""
+
+# Foreign keys are checked at the end of the statement, so entries may name transfers that a
+# sibling CTE inserts.
+_WRITE_BATCH = """
+WITH new_transfers AS (
+    INSERT INTO ledger_transfers (id, from_user_id, to_user_id, amount, description, created_at)
+    SELECT t.id, t.from_id, t.to_id, t.amount, t.description, $14
+    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[])
+        AS t(id, from_id, to_id, amount, description)
+), new_entries AS (
+    INSERT INTO ledger_entries
+        (id, user_id, amount, balance_after, description, transfer_id, created_at)
+    SELECT e.id, e.user_id, e.amount, e.balance_after, e.description, e.transfer_id, $14
+    FROM unnest($6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::bigint[])
+        AS e(id, user_id, amount, balance_after, description, transfer_id)
+), new_balances AS (
+    UPDATE ledger_users AS u SET balance = b.balance
+    FROM unnest($12::bigint[], $13::bigint[]) AS b(id, balance)
+    WHERE u.id = b.id
+)
+INSERT INTO ledger_outbox (event_type, payload, created_at)
+SELECT $16, p.payload, $14 FROM unnest($15::text[]) AS p(payload)
+"""
+
+
+def _driver(conn: Connection) -> Any:
+    """The asyncpg connection under ``conn``, which must be inside the batch's transaction.
+
+    A write outside it would commit on its own, so this is checked rather than assumed.
+    """
+    driver: Any = conn.connection.driver_connection
+    if not driver.is_in_transaction():
+        raise RuntimeError("a posting batch must write inside its transaction")
+    return driver
+
+
+def reserve_ids(conn: Connection, entries: int, transfers: int) -> tuple[list[int], list[int]]:
+    """Ids for ``entries`` new entries and ``transfers`` new transfers, from their sequences."""
+    row = await_only(_driver(conn).fetchrow(_RESERVE_IDS, entries, transfers))
+    return list(row[0]), list(row[1])
+
+
+def write_batch(
+    conn: Connection,
+    *,
+    created_at: datetime,
+    transfer_rows: list[dict[str, Any]],
+    entry_rows: list[dict[str, Any]],
+    balances: list[tuple[int, int]],
+    event_type: str,
+    events: list[str],
+) -> None:
+    """Insert the batch's transfers, entries and events and set its balances, in one statement."""
+
+    def column(rows: list[dict[str, Any]], name: str) -> list[Any]:
+        return [row[name] for row in rows]
+
+    await_only(
+        _driver(conn).execute(
+            _WRITE_BATCH,
+            column(transfer_rows, "id"),
+            column(transfer_rows, "from_user_id"),
+            column(transfer_rows, "to_user_id"),
+            column(transfer_rows, "amount"),
+            column(transfer_rows, "description"),
+            column(entry_rows, "id"),
+            column(entry_rows, "user_id"),
+            column(entry_rows, "amount"),
+            column(entry_rows, "balance_after"),
+            column(entry_rows, "description"),
+            column(entry_rows, "transfer_id"),
+            [user_id for user_id, _ in balances],
+            [balance for _, balance in balances],
+            created_at,
+            events,
+            event_type,
+        )
+    )
