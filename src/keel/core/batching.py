@@ -2,9 +2,9 @@
 
 Request handlers :meth:`~GroupCommitter.submit` an item and await its outcome. One committer
 task per process drains whatever queued while its previous transaction was committing and hands
-the whole batch to a synchronous ``apply`` function inside one write transaction
-(:meth:`keel.core.database.Database.run_write`). Each item's outcome is either its result or the
-error to raise in its handler, so one refused item never spoils its neighbours.
+the whole batch to a synchronous ``apply`` function inside one write transaction, on a connection
+the committer keeps (:class:`keel.core.database.Writer`). Each item's outcome is either its result
+or the error to raise in its handler, so one refused item never spoils its neighbours.
 
 ``apply`` is synchronous on purpose: on SQLite the batch then runs without a single thread hop, and
 on PostgreSQL through SQLAlchemy's greenlet bridge; the same rules serve both engines.
@@ -59,11 +59,11 @@ class GroupCommitter(Generic[ItemT, ResultT]):
         self, *, name: str, database: Database, apply: ApplyBatch[ItemT], max_batch: int = 512
     ) -> None:
         self.name = name
-        self._database = database
         self._apply = apply
         self._max_batch = max_batch
         self._queue: deque[_Pending[ItemT]] = deque()
         self._wake = asyncio.Event()
+        self._writer = database.writer()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
 
@@ -85,6 +85,7 @@ class GroupCommitter(Generic[ItemT, ResultT]):
         self._wake.set()
         if self._task is not None:
             await self._task
+        await self._writer.close()
 
     async def _run(self) -> None:
         while not (self._closing and not self._queue):
@@ -99,7 +100,7 @@ class GroupCommitter(Generic[ItemT, ResultT]):
         items = [p.item for p in batch]
         try:
             with BATCH_SECONDS.labels(self.name).time():
-                outcomes = await self._database.run_write(lambda conn: self._apply(conn, items))
+                outcomes = await self._writer.run(lambda conn: self._apply(conn, items))
         except Exception as exc:
             log.warning("%s: batch of %d failed: %r", self.name, len(batch), exc)
             outcomes = [exc] * len(batch)
