@@ -4,8 +4,9 @@ Requests hand their posting to the :class:`~keel.core.batching.GroupCommitter` b
 :func:`posting_committer` and wait. It drains whatever queued while the previous batch was
 committing and applies it in one write transaction:
 
-1. lock every account the batch touches (``SELECT … FOR UPDATE`` in id order on PostgreSQL;
-   SQLite's ``BEGIN IMMEDIATE`` already holds the database's write lock);
+1. lock every account the batch touches (``SELECT … FOR UPDATE`` in id order on PostgreSQL,
+   which also reserves the batch's ids; SQLite's ``BEGIN IMMEDIATE`` already holds the database's
+   write lock);
 2. claim the batch's idempotency keys (after the account locks, so two processes can never wait
    on each other in opposite orders);
 3. apply the postings one by one to the locked balances in memory: one that would pass its
@@ -141,7 +142,19 @@ def _outcome(posting: Posting) -> PostingOutcome:
 
 def apply_batch(conn: Connection, store: IdempotencyStore, batch: list[Posting]) -> None:
     """Apply a batch inside the caller's write transaction; see the module docstring."""
-    accounts = _lock_accounts(conn, batch)
+    user_ids = sorted({leg.user_id for posting in batch for leg in posting.legs})
+    if conn.dialect.name == "postgresql":
+        locked = pg_batch.lock_and_reserve(
+            conn,
+            user_ids,
+            entries=sum(len(posting.legs) for posting in batch),
+            transfers=sum(posting.transfer is not None for posting in batch),
+        )
+        accounts = {uid: _Account(balance, limit) for uid, balance, limit in locked.accounts}
+        reserved: tuple[list[int], list[int]] | None = (locked.entry_ids, locked.transfer_ids)
+    else:
+        accounts = _read_accounts(conn, user_ids)
+        reserved = None
     for posting in batch:
         if posting.idempotency is not None:
             try:
@@ -157,19 +170,15 @@ def apply_batch(conn: Connection, store: IdempotencyStore, batch: list[Posting])
     _release_claims(conn, store, refused_claims)
     accepted = [p for p in batch if p.accepted]
     if accepted:
-        _write(conn, store, accepted, accounts)
+        _write(conn, store, accepted, accounts, reserved)
 
 
-def _lock_accounts(conn: Connection, batch: list[Posting]) -> dict[int, _Account]:
-    ids = sorted({leg.user_id for posting in batch for leg in posting.legs})
-    query = (
-        select(users.c.id, users.c.balance, users.c.overdraft_limit)
-        .where(users.c.id.in_(ids))
-        .order_by(users.c.id)
-        .with_for_update()  # PostgreSQL; SQLite already holds the write lock
+def _read_accounts(conn: Connection, user_ids: list[int]) -> dict[int, _Account]:
+    """SQLite: ``BEGIN IMMEDIATE`` already holds the database's write lock, so a read will do."""
+    query = select(users.c.id, users.c.balance, users.c.overdraft_limit).where(
+        users.c.id.in_(user_ids)
     )
-    rows = (conn.execute(query)).all()
-    return {row.id: _Account(row.balance, row.overdraft_limit) for row in rows}
+    return {row.id: _Account(row.balance, row.overdraft_limit) for row in conn.execute(query)}
 
 
 def _apply(posting: Posting, accounts: dict[int, _Account]) -> None:
@@ -213,13 +222,14 @@ def _write(
     store: IdempotencyStore,
     accepted: list[Posting],
     accounts: dict[int, _Account],
+    reserved: tuple[list[int], list[int]] | None,
 ) -> None:
+    """Write the accepted postings; ``reserved``: the ids PostgreSQL set aside, enough or more."""
     now = datetime.now(UTC)
     moving = [p for p in accepted if p.transfer is not None]
     entry_count = sum(len(p.legs) for p in accepted)
-    postgres = conn.dialect.name == "postgresql"
-    if postgres:
-        entry_ids, transfer_ids = pg_batch.reserve_ids(conn, entry_count, len(moving))
+    if reserved is not None:
+        entry_ids, transfer_ids = reserved[0][:entry_count], reserved[1][: len(moving)]
     else:
         entry_ids = allocate_ids(conn, entries, entry_count)
         transfer_ids = allocate_ids(conn, transfers, len(moving))
@@ -253,7 +263,7 @@ def _write(
     results = _build_results(accepted, entry_rows, transfer_of)
     balances = [(uid, a.balance) for uid, a in accounts.items() if a.touched]
     events = [_event(txn) for txn in _transactions(results)]
-    if postgres:
+    if reserved is not None:
         pg_batch.write_batch(
             conn,
             created_at=now,
