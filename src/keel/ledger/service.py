@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from keel.core.database import Lookup
 from keel.core.schemas import Page, keyset_page
 from keel.ledger.errors import UsernameTaken, UserNotFound
 from keel.ledger.schemas import AccountAudit, AuditReport, Transaction, User, UserCreate
@@ -49,16 +50,16 @@ async def create_user(conn: AsyncConnection, data: UserCreate) -> User:
     return User(id=user_id, balance=0, created_at=created_at, **data.model_dump())
 
 
-# Built once: constructing a statement costs more than running this one (a primary-key lookup).
-_GET_USER = select(*_USER_COLUMNS).where(users.c.id == bindparam("user_id"))
+# Compiled once and run on the driver: the hot path of GET /users/{id}.
+_GET_USER = Lookup(select(*_USER_COLUMNS).where(users.c.id == bindparam("user_id")))
 
 
 def get_user(conn: Connection, user_id: int) -> User:
     """One account; synchronous so hot paths can run it without a thread hop (Database.run_read)."""
-    row = conn.execute(_GET_USER, {"user_id": user_id}).first()
+    row = _GET_USER.first(conn, user_id=user_id)
     if row is None:
         raise UserNotFound(f"No user with id {user_id}.")
-    return User.model_validate(row._mapping)
+    return User.model_validate(row)
 
 
 async def search_users(
