@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from keel.core.auth import Scope
 from keel.core.database import Database
+from keel.ledger import outbox_store
 from keel.ledger.outbox import OutboxWorker
 from keel.ledger.outbox_store import (
     Outcome,
@@ -614,3 +615,28 @@ async def test_retention_purge_keeps_failed_and_owed_deliveries(database: Databa
         )
     assert left_events == {ids[1], ids[2]}
     assert left_states == {"failed", "pending"}
+
+
+async def test_health_counts_stop_at_their_cap(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog past the cap is reported as the cap, so /health stays cheap under any backlog."""
+    monkeypatch.setattr(outbox_store, "HEALTH_COUNT_CAP", 3)
+    created = datetime.now(UTC) - timedelta(seconds=30)
+    async with database.write() as conn:
+        ids = (
+            await conn.execute(
+                insert(outbox).returning(outbox.c.id),
+                [{"event_type": "test", "payload": "{}", "created_at": created} for _ in range(5)],
+            )
+        ).scalars()
+        made = list(ids)
+    try:
+        async with database.read() as conn:
+            summary = await outbox_store.outbox_summary(conn, datetime.now(UTC))
+    finally:  # no other test's worker may dispatch these
+        async with database.write() as conn:
+            await conn.execute(delete(outbox).where(outbox.c.id.in_(made)))
+    assert summary["undispatched_events"] == 3
+    assert summary["counts_capped_at"] == 3
+    assert summary["oldest_pending_age_seconds"] >= 30

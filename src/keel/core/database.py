@@ -104,9 +104,8 @@ class Database:
         self._settings = settings or ServiceSettings()
         self._write_engine = engine.execution_options(**{_WRITE: True})
         # PostgreSQL's default, READ COMMITTED, gives each statement its own snapshot.
-        self._read_engine = (
-            engine if self.is_sqlite else engine.execution_options(isolation_level="REPEATABLE READ")
-        )
+        snapshot = {} if self.is_sqlite else {"isolation_level": "REPEATABLE READ"}
+        self._read_engine = engine.execution_options(**snapshot)
         self._direct: Connection | None = None
         self._reader: Connection | None = None
         self._lock_fd: int | None = None

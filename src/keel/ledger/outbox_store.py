@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
+from sqlalchemy import Select, and_, delete, exists, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -245,20 +245,40 @@ async def release_leases(conn: AsyncConnection, interrupted: Sequence[ClaimedDel
         )
 
 
+HEALTH_COUNT_CAP = 10_000
+
+
+def _count_upto(condition: Any, table: Any) -> Any:
+    """How many rows match, counting no further than ``HEALTH_COUNT_CAP``.
+
+    /health is polled often; an exact count of a large backlog (or of every delivery that ever
+    failed) costs time proportional to its size, at the moment the database has least to spare.
+    """
+    capped = select(literal(1)).select_from(table).where(condition).limit(HEALTH_COUNT_CAP)
+    return select(func.count()).select_from(capped.subquery()).scalar_subquery()
+
+
 async def outbox_summary(conn: AsyncConnection, now: datetime) -> dict[str, Any]:
-    """Backlog counts and the age of the oldest event not yet delivered, for GET /health."""
+    """Backlog counts (capped) and the age of the oldest event not yet delivered, for /health."""
     undispatched = outbox.c.dispatched_at.is_(None)
     pending_events = deliveries.join(outbox, outbox.c.id == deliveries.c.event_id)
     row = (
         await conn.execute(
             select(
-                select(func.count()).select_from(outbox).where(undispatched).scalar_subquery(),
-                select(func.count()).where(deliveries.c.state == PENDING).scalar_subquery(),
-                select(func.count()).where(deliveries.c.state == FAILED).scalar_subquery(),
-                select(func.min(outbox.c.created_at)).where(undispatched).scalar_subquery(),
-                select(func.min(outbox.c.created_at))
+                _count_upto(undispatched, outbox),
+                _count_upto(deliveries.c.state == PENDING, deliveries),
+                _count_upto(deliveries.c.state == FAILED, deliveries),
+                # The oldest by id, through the indexes, rather than min() over the backlog.
+                select(outbox.c.created_at)
+                .where(undispatched)
+                .order_by(outbox.c.id)
+                .limit(1)
+                .scalar_subquery(),
+                select(outbox.c.created_at)
                 .select_from(pending_events)
                 .where(deliveries.c.state == PENDING)
+                .order_by(deliveries.c.id)
+                .limit(1)
                 .scalar_subquery(),
             )
         )
@@ -269,6 +289,7 @@ async def outbox_summary(conn: AsyncConnection, now: datetime) -> dict[str, Any]
         "undispatched_events": undispatched_events,
         "pending_deliveries": pending,
         "failed_deliveries": failed,
+        "counts_capped_at": HEALTH_COUNT_CAP,
         "oldest_pending_age_seconds": round(max([0.0, *ages]), 3),
     }
 
