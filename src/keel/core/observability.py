@@ -8,6 +8,7 @@ aggregates every worker's counters.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -17,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import Any
+from typing import IO, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -68,14 +69,92 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+class TextFormatter(logging.Formatter):
+    """keel's text lines; the date and time are formatted once a second, not once a line."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._stamp = second, super().formatTime(record, "%Y-%m-%d %H:%M:%S")
+        return f"{self._stamp},{int(record.msecs):03d}"
+
+
+PIPE_BUF = 4096  # POSIX: a write to a pipe up to this size is never interleaved with another's
+
+
+class LoopBatchedHandler(logging.StreamHandler[IO[str]]):
+    """Writes the lines logged during one turn of the event loop together, at the end of it.
+
+    A worker under load logs one access line per request, and one ``write`` and ``flush`` per line
+    is a system call per request. Lines logged on the event loop's thread wait in a buffer until
+    the loop's current turn ends (``call_soon``), then go out in writes of at most ``PIPE_BUF``
+    bytes cut at line ends, so worker processes sharing one stdout pipe never interleave inside a
+    line. A WARNING or worse, a line from any other thread and ``flush()`` (called at exit by
+    ``logging.shutdown``) write everything at once.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__(stream)
+        self._lines: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:  # logging's contract: report, never raise
+            self.handleError(record)
+            return
+        self._lines.append(line)
+        if record.levelno >= logging.WARNING:
+            self.flush()
+            return
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on an event loop's thread
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self._end_of_turn)
+
+    def _end_of_turn(self) -> None:
+        with self.lock:  # type: ignore[union-attr]  # created in Handler.__init__
+            self._scheduled = False
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            lines, self._lines = self._lines, []
+            for chunk in _chunks(lines):
+                self.stream.write(chunk)
+                self.stream.flush()  # one write(2) per chunk
+
+
+def _chunks(lines: list[str]) -> Iterator[str]:
+    """Lines joined into pieces of at most PIPE_BUF bytes (a longer line goes out alone)."""
+    piece: list[str] = []
+    size = 0
+    for line in lines:
+        length = len(line) if line.isascii() else len(line.encode("utf-8", "replace"))
+        if piece and size + length > PIPE_BUF:
+            yield "".join(piece)
+            piece, size = [], 0
+        piece.append(line)
+        size += length
+    if piece:
+        yield "".join(piece)
+
+
 def configure_logging(fmt: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stdout)
+    handler = LoopBatchedHandler(sys.stdout)
     handler.addFilter(_RequestIdFilter())
-    handler.setFormatter(
-        JsonFormatter()
-        if fmt == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
-    )
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
