@@ -98,8 +98,8 @@ def markdown(
     lines = [
         "# ledger benchmark",
         "",
-        f"Measured {when:%Y-%m-%d %H:%M} UTC by `make bench` (`keel bench ledger`). Each row is"
-        f" the median of {options.runs} run(s) of {options.duration_s:g} s after a"
+        f"Measured {when:%Y-%m-%d %H:%M} UTC by `keel bench ledger` (what `make bench` runs)."
+        f" Each row is the median of {options.runs} run(s) of {options.duration_s:g} s after a"
         f" {options.warmup_s:g} s warm-up, `wrk -t{wrk.THREADS} -c{wrk.CONNECTIONS} --latency`,"
         " against a fresh database seeded with"
         f" {options.accounts:,} accounts. POSTs are ±1 postings (`POST /transactions`), each"
