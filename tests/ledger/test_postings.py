@@ -176,3 +176,32 @@ async def test_history_newest_first_with_cursor(client: httpx.AsyncClient) -> No
     assert [t["balance_after"] for t in first["items"]] == [15, 10, 6]
     assert [t["amount"] for t in second["items"]] == [2, 1]
     assert second["next_cursor"] is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "'; DROP TABLE ledger_entries; --",
+        "$1 $14 ?, %s %(x)s \\ '' \" ) ;",
+        "{1,2} ARRAY['x'] ✓ ünïcode",
+    ],
+)
+async def test_descriptions_are_stored_verbatim(
+    client: httpx.AsyncClient, database: Database, text: str
+) -> None:
+    """Descriptions reach the batch's statements as bound parameters, on both engines."""
+    alice, bob = await new_user(client), await new_user(client)
+    posted = await client.post(
+        "/transactions", json={"user_id": alice["id"], "amount": 50, "description": text}
+    )
+    transfer = {"from_user_id": alice["id"], "to_user_id": bob["id"], "amount": 20}
+    moved = await client.post("/transfers", json={**transfer, "description": text})
+    assert posted.status_code == 201 and moved.status_code == 201, (posted.text, moved.text)
+    async with database.read() as conn:
+        stored = (
+            await conn.execute(
+                select(entries.c.description).where(entries.c.user_id.in_([alice["id"], bob["id"]]))
+            )
+        ).scalars()
+        assert list(stored) == [text, text, text]
+    assert (await client.get("/audit")).json()["ok"] is True
