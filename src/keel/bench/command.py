@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from keel.bench import wrk
+from keel.bench.cpus import parse_cpus
 from keel.bench.machine import describe_machine
 from keel.bench.report import write_results
 from keel.bench.runner import (
@@ -110,6 +111,13 @@ def bench_ledger(
     work_dir: Annotated[Path, typer.Option(help="Databases, scripts and logs.")] = Path(
         "bench/work"
     ),
+    server_cpus: Annotated[
+        str | None,
+        typer.Option(help="Pin the server's processes to these CPUs, e.g. 0-3 (taskset syntax)."),
+    ] = None,
+    wrk_cpus: Annotated[
+        str | None, typer.Option(help="Pin wrk to these CPUs, e.g. 4-5: give it cores of its own.")
+    ] = None,
 ) -> None:
     """Start the ledger on fresh databases, drive it with wrk, write medians, table and plot."""
     wrk.wrk_path()  # fail before any set-up if the load generator is missing
@@ -121,6 +129,8 @@ def bench_ledger(
         postgres_url=postgres_url,
         work_dir=work_dir,
         outbox_worker=outbox_worker,
+        server_cpus=_cpu_option(server_cpus, "--server-cpus"),
+        wrk_cpus=_cpu_option(wrk_cpus, "--wrk-cpus"),
     )
     plan = _plan(scenario, workers)
     no_postgres = postgres_reachable(options) if needs_postgres([s for s, _ in plan]) else None
@@ -137,6 +147,15 @@ def bench_ledger(
         console.print(f"[red]{r.scenario.name} ({r.workers} workers) failed: {r.failure}")
     if broken or failed:
         raise typer.Exit(1)
+
+
+def _cpu_option(text: str | None, name: str) -> frozenset[int] | None:
+    if text is None:
+        return None
+    try:
+        return parse_cpus(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=name) from None
 
 
 def _run_plan(

@@ -134,9 +134,14 @@ def markdown(
         "",
         *(f"- `{k}={v}`" for k, v in options.server_env().items()),
         "- everything else at its default (access log on, written to `bench/work/*.log`).",
+        f"- CPUs: server {_cpus(options.server_cpus)}, wrk {_cpus(options.wrk_cpus)}.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _cpus(cpus: frozenset[int] | None) -> str:
+    return "any (shared)" if cpus is None else ",".join(map(str, sorted(cpus)))
 
 
 def _noise_warning(results: list[ScenarioResult]) -> list[str]:

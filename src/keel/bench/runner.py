@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.bench import stage, wrk
+from keel.bench.cpus import pinned
 from keel.bench.machine import CpuUse, cpu_between, sample_cpu
 from keel.bench.scenarios import Backend, Load, Scenario
 
@@ -25,6 +26,8 @@ class BenchOptions:
     work_dir: Path = Path("bench/work")
     outbox_worker: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
+    server_cpus: frozenset[int] | None = None  # None: wherever the scheduler puts them
+    wrk_cpus: frozenset[int] | None = None
 
     def server_env(self) -> dict[str, str]:
         """Production defaults, except a rate limit no bench can reach."""
@@ -175,7 +178,7 @@ class _ScenarioRun:
             "--database-url", url, log=log,
         ).strip().splitlines()[-1]  # fmt: skip
         env = {**options.server_env(), **dict(self.result.scenario.env)}
-        server = stage.Server(url, self.result.workers, env, log)
+        server = stage.Server(url, self.result.workers, env, log, cpus=options.server_cpus)
         try:
             with server:
                 self._drive(server, key, url)
@@ -208,7 +211,8 @@ class _ScenarioRun:
     def _one_run(self, server: stage.Server, script: Path, duration_s: float) -> Run:
         database = stage.postgres_database_name(server.database_url)
         before = sample_cpu(server.pid, database, time.monotonic())
-        outcome = wrk.run_wrk(server.base_url, script, duration_s, self.log)
+        with pinned(self.options.wrk_cpus):
+            outcome = wrk.run_wrk(server.base_url, script, duration_s, self.log)
         after = sample_cpu(server.pid, database, time.monotonic())
         return Run(outcome, cpu_between(before, after))
 

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 
+from keel.bench.cpus import pinned
 from keel.bench.scenarios import Backend
 
 SEED_DEPOSIT = 1_000_000_000  # so the ±1 postings of a run can never be refused
@@ -139,9 +140,16 @@ class Server:
     """``keel serve ledger`` as a child process in its own session, stopped with SIGINT."""
 
     def __init__(
-        self, database_url: str, workers: int, env: dict[str, str], log: Path, port: int = 0
+        self,
+        database_url: str,
+        workers: int,
+        env: dict[str, str],
+        log: Path,
+        port: int = 0,
+        cpus: frozenset[int] | None = None,
     ) -> None:
         self.database_url = database_url
+        self.cpus = cpus
         self.workers = workers
         self.env = env
         self.log = log
@@ -161,7 +169,7 @@ class Server:
     def __enter__(self) -> Server:
         args = ["serve", "ledger", "--port", str(self.port), "--workers", str(self.workers)]
         args += ["--database-url", self.database_url]
-        with self.log.open("ab") as out:
+        with self.log.open("ab") as out, pinned(self.cpus):
             self.process = subprocess.Popen(  # noqa: S603 - our own CLI
                 [*keel_command(), *args],
                 stdout=out,
