@@ -107,6 +107,14 @@ class Posting:
         return self.replay is None and self.error is None
 
 
+@dataclass(frozen=True, slots=True)
+class _Ids:
+    """Primary keys set aside for the batch's new rows."""
+
+    entries: list[int]
+    transfers: list[int]
+
+
 @dataclass
 class _Account:
     balance: int
@@ -143,18 +151,20 @@ def _outcome(posting: Posting) -> PostingOutcome:
 def apply_batch(conn: Connection, store: IdempotencyStore, batch: list[Posting]) -> None:
     """Apply a batch inside the caller's write transaction; see the module docstring."""
     user_ids = sorted({leg.user_id for posting in batch for leg in posting.legs})
+    # Ids for every posting of the batch; refused ones leave gaps on PostgreSQL, as a rollback does.
+    entry_count = sum(len(posting.legs) for posting in batch)
+    transfer_count = sum(posting.transfer is not None for posting in batch)
     if conn.dialect.name == "postgresql":
         locked = pg_batch.lock_and_reserve(
-            conn,
-            user_ids,
-            entries=sum(len(posting.legs) for posting in batch),
-            transfers=sum(posting.transfer is not None for posting in batch),
+            conn, user_ids, entries=entry_count, transfers=transfer_count
         )
         accounts = {uid: _Account(balance, limit) for uid, balance, limit in locked.accounts}
-        reserved: tuple[list[int], list[int]] | None = (locked.entry_ids, locked.transfer_ids)
+        ids = _Ids(locked.entry_ids, locked.transfer_ids)
     else:
         accounts = _read_accounts(conn, user_ids)
-        reserved = None
+        ids = _Ids(
+            allocate_ids(conn, entries, entry_count), allocate_ids(conn, transfers, transfer_count)
+        )
     for posting in batch:
         if posting.idempotency is not None:
             try:
@@ -170,7 +180,7 @@ def apply_batch(conn: Connection, store: IdempotencyStore, batch: list[Posting])
     _release_claims(conn, store, refused_claims)
     accepted = [p for p in batch if p.accepted]
     if accepted:
-        _write(conn, store, accepted, accounts, reserved)
+        _write(conn, store, accepted, accounts, ids)
 
 
 def _read_accounts(conn: Connection, user_ids: list[int]) -> dict[int, _Account]:
@@ -222,17 +232,13 @@ def _write(
     store: IdempotencyStore,
     accepted: list[Posting],
     accounts: dict[int, _Account],
-    reserved: tuple[list[int], list[int]] | None,
+    ids: _Ids,
 ) -> None:
-    """Write the accepted postings; ``reserved``: the ids PostgreSQL set aside, enough or more."""
+    """Write the accepted postings, numbered from ``ids`` (enough for them, or more)."""
     now = datetime.now(UTC)
     moving = [p for p in accepted if p.transfer is not None]
-    entry_count = sum(len(p.legs) for p in accepted)
-    if reserved is not None:
-        entry_ids, transfer_ids = reserved[0][:entry_count], reserved[1][: len(moving)]
-    else:
-        entry_ids = allocate_ids(conn, entries, entry_count)
-        transfer_ids = allocate_ids(conn, transfers, len(moving))
+    entry_ids = ids.entries[: sum(len(p.legs) for p in accepted)]
+    transfer_ids = ids.transfers[: len(moving)]
     transfer_of = {id(p): transfer_id for p, transfer_id in zip(moving, transfer_ids, strict=True)}
     transfer_rows = [
         {
@@ -263,7 +269,7 @@ def _write(
     results = _build_results(accepted, entry_rows, transfer_of)
     balances = [(uid, a.balance) for uid, a in accounts.items() if a.touched]
     events = [_event(txn) for txn in _transactions(results)]
-    if reserved is not None:
+    if conn.dialect.name == "postgresql":
         pg_batch.write_batch(
             conn,
             created_at=now,
