@@ -95,6 +95,16 @@ def test_lines_from_a_thread_without_a_loop_go_out_at_once(
     assert stream.writes == ["INFO from a thread\n"]
 
 
+async def test_a_thread_s_line_does_not_wait_for_the_loop_s_turn(
+    logger: logging.Logger, stream: RecordingStream
+) -> None:
+    logger.info("on the loop")  # schedules the end-of-turn write
+    thread = threading.Thread(target=logger.info, args=("from a thread",))
+    thread.start()
+    thread.join()
+    assert stream.writes == ["INFO on the loop\nINFO from a thread\n"]
+
+
 def test_chunks_stay_within_pipe_buf_and_end_at_a_line() -> None:
     lines = [f"{'é' * (n % 7)}line {n} {'x' * (n % 300)}\n" for n in range(500)]
     lines.append("y" * (PIPE_BUF * 2) + "\n")  # longer than PIPE_BUF: goes out alone

@@ -110,18 +110,15 @@ class LoopBatchedHandler(logging.StreamHandler[IO[str]]):
             self.handleError(record)
             return
         self._lines.append(line)
-        if record.levelno >= logging.WARNING:
-            self.flush()
-            return
-        if self._scheduled:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not on an event loop's thread
+            loop = None
+        if loop is None or record.levelno >= logging.WARNING:
             self.flush()
-            return
-        self._scheduled = True
-        loop.call_soon(self._end_of_turn)
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._end_of_turn)
 
     def _end_of_turn(self) -> None:
         with self.lock:  # type: ignore[union-attr]  # created in Handler.__init__
