@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from sqlalchemy.engine import make_url
 
+from keel.core.chains import MigrationChain
 from keel.core.migrate import upgrade
 
 POSTGRES_URL = os.environ.get("KEEL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -87,16 +88,17 @@ async def drop_postgres_database(url: str) -> None:
         await conn.close()
 
 
-def migrated_postgres_database() -> Iterator[str]:
-    """A fresh PostgreSQL database with the ledger's schema, dropped afterwards (a fixture body)."""
+def migrated_postgres_database(chains: Sequence[MigrationChain]) -> Iterator[str]:
+    """A fresh PostgreSQL database with the core's and ``chains``' schema, dropped afterwards
+    (a fixture body)."""
     url = asyncio.run(create_postgres_database())
-    asyncio.run(upgrade(url, "ledger"))
+    asyncio.run(upgrade(url, chains))
     yield url
     asyncio.run(drop_postgres_database(url))
 
 
-def migrated_sqlite_url(directory: Path) -> str:
-    """A fresh SQLite file in ``directory`` with the ledger's schema."""
-    url = f"sqlite:///{directory / 'ledger.db'}"
-    asyncio.run(upgrade(url, "ledger"))
+def migrated_sqlite_url(directory: Path, chains: Sequence[MigrationChain]) -> str:
+    """A fresh SQLite file in ``directory`` with the core's and ``chains``' schema."""
+    url = f"sqlite:///{directory / (chains[-1].name if chains else 'core')}.db"
+    asyncio.run(upgrade(url, chains))
     return url

@@ -12,6 +12,7 @@ import pytest
 from keel.core.auth import Scope, create_api_key
 from keel.core.database import Database, create_engine
 from keel.ledger.app import create_app
+from keel.ledger.registration import MIGRATIONS as LEDGER_MIGRATIONS
 from keel.ledger.settings import LedgerSettings
 from tests import backends
 
@@ -56,7 +57,7 @@ def redis_url() -> str:
 def postgres_url() -> Iterator[str]:
     """One migrated PostgreSQL database for the session; tests own their rows in it."""
     backends.require("postgres", _AVAILABILITY.get("postgres"))
-    yield from backends.migrated_postgres_database()
+    yield from backends.migrated_postgres_database([LEDGER_MIGRATIONS])
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -
     if backend == "postgres":
         url: str = request.getfixturevalue("postgres_url")
         return url
-    return backends.migrated_sqlite_url(tmp_path)
+    return backends.migrated_sqlite_url(tmp_path, [LEDGER_MIGRATIONS])
 
 
 @pytest.fixture

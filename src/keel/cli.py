@@ -1,219 +1,153 @@
-"""The ``keel`` command line."""
+"""The ``keel`` command line, built from the registry.
 
-from __future__ import annotations
+Every registered service gets ``keel serve <name>``, ``keel db upgrade <name>``, API keys in its
+database, ``keel bench <name>`` if it declares scenarios, and its own group (``keel <name> …``).
+Nothing here names a service. Heavy modules (uvicorn, SQLAlchemy, Alembic) load inside commands,
+so ``keel --help`` stays quick.
+"""
 
+# No ``from __future__ import annotations``: typer reads the commands' annotations at run time,
+# and they name the service enum built inside build_app.
 import asyncio
-import os
-import tempfile
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-import uvicorn
-from rich.console import Console
 
-from keel.bench.command import bench_app
-from keel.core import migrate
-from keel.core.auth import Scope, create_api_key, hash_key
-from keel.core.database import Database, create_engine
-from keel.core.settings import DATA_DIR
-from keel.registry import SERVICES, ServiceEntry
+from keel.clikit import (
+    DatabaseUrl,
+    console,
+    database_url,
+    pin_database_url,
+    prepare_metrics_dir,
+    uvicorn_options,
+)
+from keel.registry import ServiceEntry, services
 
-app = typer.Typer(help="keel: ledger, firehose and inventory services.", no_args_is_help=True)
-db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
-apikey_app = typer.Typer(help="API keys.", no_args_is_help=True)
-ledger_app = typer.Typer(help="Ledger operations.", no_args_is_help=True)
-app.add_typer(db_app, name="db")
-app.add_typer(apikey_app, name="apikey")
-app.add_typer(ledger_app, name="ledger")
-app.add_typer(bench_app, name="bench")
-console = Console()
-
-ServiceName = StrEnum("ServiceName", {name: name for name in SERVICES})  # type: ignore[misc]
-DatabaseUrl = Annotated[
-    str | None,
-    typer.Option("--database-url", help="sqlite:///path or postgresql://…; default from KEEL_*."),
-]
-DEV_KEY_FILE = DATA_DIR / "dev-admin-key"
+SCOPES = ("read", "write", "admin")  # keel.core.auth.Scope, checked there when a key is made
 
 
-def _database_url(entry: ServiceEntry, override: str | None) -> str:
-    return override or entry.settings().database_url
-
-
-def _pin_database_url(entry: ServiceEntry, url: str | None) -> None:
-    """Make ``--database-url`` reach worker processes, which read settings from the environment."""
-    if url:
-        os.environ[f"KEEL_{entry.name.upper()}_DATABASE_URL"] = url
-
-
-def _prepare_metrics_dir(workers: int) -> None:
-    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="keel-metrics-")
-
-
-def _uvicorn_options(host: str, port: int, workers: int) -> dict[str, Any]:
-    return {
-        "factory": True,
-        "host": host,
-        "port": port,
-        "workers": workers,
-        "access_log": False,  # keel logs one line per request itself, with its request id
-        "log_level": "warning",
-        "timeout_graceful_shutdown": 10,
-        "backlog": 4096,
-        # Spawned workers re-import keel before answering the supervisor; on a busy machine
-        # uvicorn's default 5 s would kill and respawn them in a loop.
-        "timeout_worker_healthcheck": 60,
-    }
-
-
-@app.command()
-def serve(
-    service: Annotated[ServiceName, typer.Argument(help="Which service.")],
-    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    port: Annotated[int | None, typer.Option(help="Port; the service's own by default.")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
-    database_url: DatabaseUrl = None,
-) -> None:
-    """Run one service. On SQLite its migrations run first."""
-    entry = SERVICES[service.value]
-    _pin_database_url(entry, database_url)
-    url = _database_url(entry, database_url)
-    if url.startswith("sqlite"):
-        asyncio.run(migrate.upgrade(url, entry.name))
-    _prepare_metrics_dir(workers)
-    port = port or entry.port
-    console.print(f"[bold]keel {entry.name}[/] on http://{host}:{port} ({workers} worker(s))")
-    uvicorn.run(entry.app_factory, **_uvicorn_options(host, port, workers))
-
-
-@app.command()
-def run(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1") -> None:
-    """Run every service for local use, on SQLite under ./data/, and print a dev admin key."""
-    for entry in SERVICES.values():
-        asyncio.run(migrate.upgrade(_database_url(entry, None), entry.name))
-    key = asyncio.run(_dev_admin_key())
-    console.print(f"dev admin API key: [bold green]{key}[/]  (saved in {DEV_KEY_FILE})")
-    for entry in SERVICES.values():
-        console.print(
-            f"  {entry.name:10} http://{host}:{entry.port}   docs: http://{host}:{entry.port}/docs"
-        )
-    servers = [
-        uvicorn.Server(uvicorn.Config(e.app_factory, **_uvicorn_options(host, e.port, 1)))
-        for e in SERVICES.values()
-    ]
-
-    async def serve_all() -> None:
-        await asyncio.gather(*(server.serve() for server in servers))
-
-    asyncio.run(serve_all())
-
-
-async def _dev_admin_key() -> str:
-    """Reuse the saved dev key if every service still knows it; otherwise make a new one."""
-    raw = DEV_KEY_FILE.read_text().strip() if DEV_KEY_FILE.exists() else ""
-    if raw and all([await _key_exists(e, raw) for e in SERVICES.values()]):
-        return raw
-    raw = await _create_key_everywhere(
-        Scope.ADMIN, "dev admin (make run)", list(SERVICES.values()), None
+def build_app(entries: Mapping[str, ServiceEntry]) -> typer.Typer:
+    """The whole CLI for these services."""
+    cli = typer.Typer(
+        help=f"keel: the {', '.join(entries)} service(s) on one core.", no_args_is_help=True
     )
-    DEV_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
-    DEV_KEY_FILE.write_text(raw + "\n")
-    DEV_KEY_FILE.chmod(0o600)
-    return raw
+    names = StrEnum("ServiceName", {name: name for name in entries})  # type: ignore[misc]
+    _add_serving(cli, entries, names)
+    cli.add_typer(_db_app(entries, names), name="db")
+    cli.add_typer(_apikey_app(entries, names), name="apikey")
+    from keel.bench.command import bench_app
+
+    cli.add_typer(bench_app(entries), name="bench")
+    for entry in entries.values():
+        group = entry.load_cli()
+        if group is not None:
+            cli.add_typer(group, name=entry.name, help=entry.summary)
+    return cli
 
 
-async def _key_exists(entry: ServiceEntry, raw: str) -> bool:
-    from sqlalchemy import select
+def _add_serving(cli: typer.Typer, entries: Mapping[str, ServiceEntry], names: type) -> None:
+    @cli.command()
+    def serve(
+        service: Annotated[names, typer.Argument(help="Which service.")],  # type: ignore[valid-type]
+        host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+        port: Annotated[
+            int | None, typer.Option(help="Port; the service's own by default.")
+        ] = None,
+        workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+        database_url_: DatabaseUrl = None,
+    ) -> None:
+        """Run one service. On SQLite its migrations run first."""
+        import uvicorn
 
-    from keel.core.tables import api_keys
+        from keel.core import migrate
 
-    database = Database(create_engine(_database_url(entry, None)))
-    try:
-        async with database.read() as conn:
-            found = await conn.execute(
-                select(api_keys.c.id).where(api_keys.c.key_hash == hash_key(raw))
-            )
-            return found.first() is not None
-    finally:
-        await database.dispose()
+        entry = entries[str(service)]
+        pin_database_url(entry, database_url_)
+        url = database_url(entry, database_url_)
+        if url.startswith("sqlite"):
+            asyncio.run(migrate.upgrade(url, [entry.migrations]))
+        prepare_metrics_dir(workers)
+        port = port or entry.port
+        console.print(f"[bold]keel {entry.name}[/] on http://{host}:{port} ({workers} worker(s))")
+        uvicorn.run(entry.app_factory, **uvicorn_options(host, port, workers))
 
+    @cli.command()
+    def run(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1") -> None:
+        """Run every service for local use, on SQLite under ./data/, and print a dev admin key."""
+        from keel.devkeys import DEV_KEY_FILE, dev_admin_key, upgrade_all
 
-async def _create_key_everywhere(
-    scope: Scope, name: str, entries: list[ServiceEntry], database_url: str | None
-) -> str:
-    raw: str | None = None
-    seen: set[str] = set()
-    for entry in entries:
-        url = _database_url(entry, database_url)
-        if url in seen:  # services sharing one database share its key table
-            continue
-        seen.add(url)
-        await migrate.upgrade(url, entry.name)
-        database = Database(create_engine(url))
-        try:
-            async with database.write() as conn:
-                raw = await create_api_key(conn, scope=scope, name=name, raw_key=raw)
-        finally:
-            await database.dispose()
-    assert raw is not None
-    return raw
-
-
-@db_app.command("upgrade")
-def db_upgrade(
-    service: Annotated[
-        ServiceName | None, typer.Argument(help="One service; all by default.")
-    ] = None,
-    database_url: DatabaseUrl = None,
-) -> None:
-    """Apply migrations (core tables, then the service's own)."""
-    entries = [SERVICES[service.value]] if service else list(SERVICES.values())
-    for entry in entries:
-        url = _database_url(entry, database_url)
-        asyncio.run(migrate.upgrade(url, entry.name))
-        console.print(f"{entry.name}: schema up to date")
-
-
-@apikey_app.command("create")
-def apikey_create(
-    scope: Annotated[Scope, typer.Option(help="read, write or admin.")],
-    service: Annotated[
-        ServiceName | None, typer.Option(help="One service; all by default.")
-    ] = None,
-    name: Annotated[str, typer.Option(help="A note on who holds the key.")] = "",
-    database_url: DatabaseUrl = None,
-) -> None:
-    """Create an API key and print it. It is shown this once; only its hash is stored."""
-    entries = [SERVICES[service.value]] if service else list(SERVICES.values())
-    raw = asyncio.run(_create_key_everywhere(scope, name, entries, database_url))
-    typer.echo(raw)
-
-
-@ledger_app.command("audit")
-def ledger_audit(database_url: DatabaseUrl = None) -> None:
-    """Check every balance against the sum of its entries; exit 1 on any mismatch."""
-    from keel.ledger.service import audit
-
-    async def check() -> bool:
-        database = Database(create_engine(_database_url(SERVICES["ledger"], database_url)))
-        try:
-            async with database.read() as conn:
-                report = await audit(conn)
-        finally:
-            await database.dispose()
-        for bad in report.mismatches:
+        asyncio.run(upgrade_all(list(entries.values())))
+        key = asyncio.run(dev_admin_key(list(entries.values())))
+        console.print(f"dev admin API key: [bold green]{key}[/]  (saved in {DEV_KEY_FILE})")
+        for e in entries.values():
             console.print(
-                f"[red]user {bad.user_id}: balance {bad.balance}"
-                f" != {bad.entries_sum}, the sum of its {bad.entries} entries"
+                f"  {e.name:10} http://{host}:{e.port}   docs: http://{host}:{e.port}/docs"
             )
-        colour = "green" if report.ok else "red"
-        console.print(
-            f"[{colour}]{report.accounts_checked} accounts checked,"
-            f" {len(report.mismatches)} mismatched"
-        )
-        return report.ok
+        asyncio.run(_serve_all(list(entries.values()), host))
 
-    if not asyncio.run(check()):
-        raise typer.Exit(1)
+
+async def _serve_all(entries: list[ServiceEntry], host: str) -> None:
+    import uvicorn
+
+    servers = [
+        uvicorn.Server(uvicorn.Config(e.app_factory, **uvicorn_options(host, e.port, 1)))
+        for e in entries
+    ]
+    await asyncio.gather(*(server.serve() for server in servers))
+
+
+def _chosen(entries: Mapping[str, ServiceEntry], service: StrEnum | None) -> list[ServiceEntry]:
+    return [entries[str(service)]] if service else list(entries.values())
+
+
+def _db_app(entries: Mapping[str, ServiceEntry], names: type) -> typer.Typer:
+    db = typer.Typer(help="Database schema.", no_args_is_help=True)
+
+    @db.command("upgrade")
+    def upgrade(
+        service: Annotated[
+            names | None,  # type: ignore[valid-type]
+            typer.Argument(help="One service; all by default."),
+        ] = None,
+        database_url_: DatabaseUrl = None,
+    ) -> None:
+        """Apply migrations (core tables, then the service's own)."""
+        from keel.core import migrate
+
+        for entry in _chosen(entries, service):
+            url = database_url(entry, database_url_)
+            asyncio.run(migrate.upgrade(url, [entry.migrations]))
+            console.print(f"{entry.name}: schema up to date")
+
+    return db
+
+
+def _apikey_app(entries: Mapping[str, ServiceEntry], names: type) -> typer.Typer:
+    apikey = typer.Typer(help="API keys.", no_args_is_help=True)
+
+    @apikey.command("create")
+    def create(
+        scope: Annotated[str, typer.Option(help="read, write or admin.")],
+        service: Annotated[
+            names | None,  # type: ignore[valid-type]
+            typer.Option(help="One service; all by default."),
+        ] = None,
+        name: Annotated[str, typer.Option(help="A note on who holds the key.")] = "",
+        database_url_: DatabaseUrl = None,
+    ) -> None:
+        """Create an API key and print it. It is shown this once; only its hash is stored."""
+        from keel.core.auth import Scope
+        from keel.devkeys import create_key_everywhere
+
+        if scope not in SCOPES:
+            raise typer.BadParameter(f"choose from {', '.join(SCOPES)}", param_hint="--scope")
+        chosen = _chosen(entries, service)
+        raw = asyncio.run(create_key_everywhere(Scope(scope), name, chosen, database_url_))
+        typer.echo(raw)
+
+    return apikey
+
+
+app = build_app(services())

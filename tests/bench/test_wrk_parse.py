@@ -1,11 +1,10 @@
-"""The wrk report parser and the Lua scripts it is paired with (no load is generated here)."""
+"""The wrk report parser (no load is generated here)."""
 
 from __future__ import annotations
 
 import pytest
 
-from keel.bench.scenarios import SCENARIOS, Load
-from keel.bench.wrk import WrkOutputError, lua_script, parse_output
+from keel.bench.wrk import WrkOutputError, parse_output
 
 CLEAN = """\
 Running 10s test @ http://127.0.0.1:40111
@@ -73,16 +72,3 @@ def test_refuses_a_report_without_latency_distribution() -> None:
 def test_refuses_garbage() -> None:
     with pytest.raises(WrkOutputError):
         parse_output("unable to connect to 127.0.0.1:1 Connection refused\n")
-
-
-@pytest.mark.parametrize("load", list(Load))
-def test_scripts_carry_the_key_and_the_accounts(load: Load) -> None:
-    script = lua_script(load, [7, 8, 9], "kl_secret")
-    assert 'wrk.headers["Authorization"] = "Bearer kl_secret"' in script
-    assert "local ids = {7,8,9}" in script
-    assert ("local hot = 7" in script) is (load is Load.POST_HOT)
-    assert ('"/transactions"' in script) is (load is not Load.GET_USER)
-
-
-def test_every_scenario_has_a_target() -> None:
-    assert all(s.target_rps > 0 for s in SCENARIOS.values())

@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection
 from keel.core.database import Database
 from keel.core.migrate import pending_migrations
 from keel.core.tables import metadata as core_metadata
+from keel.ledger.registration import MIGRATIONS
 from keel.ledger.tables import metadata as ledger_metadata
 
 
@@ -34,4 +35,4 @@ async def test_schema_matches_the_tables_in_code(database: Database) -> None:
 
 
 async def test_a_migrated_database_has_nothing_pending(database: Database) -> None:
-    assert await pending_migrations(database, "ledger") == []
+    assert await pending_migrations(database, [MIGRATIONS]) == []

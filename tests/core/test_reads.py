@@ -16,6 +16,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection, make_url
 
 from keel.core.database import Database, Lookup, create_engine
+from keel.ledger.registration import MIGRATIONS
 from keel.ledger.tables import users
 from tests import backends
 
@@ -82,7 +83,7 @@ async def test_a_read_sees_one_snapshot_while_a_write_commits(database: Database
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
-    return backends.migrated_sqlite_url(tmp_path)
+    return backends.migrated_sqlite_url(tmp_path, [MIGRATIONS])
 
 
 async def test_run_read_on_sqlite_sees_one_snapshot(sqlite_url: str) -> None:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from keel.core.migrate import upgrade
+from keel.ledger.registration import MIGRATIONS
 from keel.ledger.settings import LedgerSettings
 from tests import backends
 from tests.support.apps import ledger_client
@@ -55,7 +56,7 @@ async def test_ready_once_migrated(client: httpx.AsyncClient) -> None:
 async def test_not_ready_until_migrated(empty_database_url: str) -> None:
     async with _ledger(empty_database_url) as client:
         before = await client.get("/ready")
-        await upgrade(empty_database_url, "ledger")
+        await upgrade(empty_database_url, [MIGRATIONS])
         after = await client.get("/ready")
     assert before.status_code == 503
     assert before.headers["content-type"].startswith("application/problem+json")

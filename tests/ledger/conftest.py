@@ -12,6 +12,7 @@ import pytest
 
 from keel.core.database import Database, create_engine
 from keel.core.migrate import upgrade
+from keel.ledger.registration import MIGRATIONS
 from tests.support.ledger import create_key
 from tests.support.live_server import LiveServer
 
@@ -50,7 +51,7 @@ def ledger_cluster(
         url: str = request.getfixturevalue("postgres_url")
     else:
         url = f"sqlite:///{workdir / 'ledger.db'}"
-        asyncio.run(upgrade(url, "ledger"))
+        asyncio.run(upgrade(url, [MIGRATIONS]))
     admin_key = asyncio.run(create_key(url))
     server = LiveServer(url, workdir, workers=CLUSTER_WORKERS)
     with server:

@@ -35,6 +35,7 @@ from keel.ledger.outbox_store import (
     record_outcomes,
     retry_delay,
 )
+from keel.ledger.registration import MIGRATIONS
 from keel.ledger.settings import LedgerSettings
 from keel.ledger.signatures import sign, verify_signature
 from keel.ledger.tables import deliveries, outbox
@@ -56,7 +57,7 @@ def private_postgres_url(postgres_url: str) -> Iterator[str]:
     Ledger servers other tests leave running on the session's shared database run outbox workers
     too, with other webhook settings: they would dispatch and deliver this module's events.
     """
-    yield from backends.migrated_postgres_database()
+    yield from backends.migrated_postgres_database([MIGRATIONS])
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -
     if backend == "postgres":
         url: str = request.getfixturevalue("private_postgres_url")
         return url
-    return backends.migrated_sqlite_url(tmp_path)
+    return backends.migrated_sqlite_url(tmp_path, [MIGRATIONS])
 
 
 # --- a real receiver ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from keel.bench import wrk
 from keel.bench.runner import BenchOptions, Run, ScenarioResult
+from keel.bench.scenarios import ServiceBench
 
 NOISY_OTHER_CORES = 0.25
 
@@ -92,30 +93,37 @@ def _row(result: ScenarioResult) -> str:
 
 
 def markdown(
-    results: list[ScenarioResult], machine: dict[str, str], options: BenchOptions, when: datetime
+    bench: ServiceBench,
+    results: list[ScenarioResult],
+    machine: dict[str, str],
+    options: BenchOptions,
+    when: datetime,
 ) -> str:
     """The results page: the table of medians first, then how and where it was measured."""
+    name = bench.service
     lines = [
-        "# ledger benchmark",
+        f"# {name} benchmark",
         "",
-        f"Measured {when:%Y-%m-%d %H:%M} UTC by `keel bench ledger` (what `make bench` runs)."
+        f"Measured {when:%Y-%m-%d %H:%M} UTC by `keel bench {name}`."
         f" Each row is the median of {options.runs} run(s) of {options.duration_s:g} s after a"
         f" {options.warmup_s:g} s warm-up, `wrk -t{wrk.THREADS} -c{wrk.CONNECTIONS} --latency`,"
-        " against a fresh database seeded with"
-        f" {options.accounts:,} accounts. POSTs are ±1 postings (`POST /transactions`), each"
-        " committed before its 201.",
+        f" against a fresh database seeded with {options.seed:,} {bench.seeded}. {bench.load_text}",
         "",
         "| scenario | workers | median req/s | min-max req/s | p50 ms | p99 ms | errors"
         " | CPU cores server / db / wrk / other | server CPU ms/req | checks | target | met? |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
         *(_row(r) for r in results),
         "",
+        *_reference_ratio(results),
         *_noise_warning(results),
         "- *errors*: non-2xx answers plus socket errors (timeouts included); a run with any is"
         " flagged and its scenario does not count as meeting its target.",
-        "- *checks*: `keel ledger audit` on the database afterwards (every balance equals the sum"
-        " of its entries), and *entries*: every 2xx wrk counted is an entry in the database, and"
+        f"- *checks*: {bench.checks_text or 'the service declares none'}; *entries*: every 2xx wrk"
+        " counted is a row in the database, and"
         f" at most {wrk.CONNECTIONS} per wrk call more (requests in flight when wrk stopped).",
+        "- *reference* rows: `reference-bare` is a bare ASGI handler under the same uvicorn,"
+        " `reference-noop` an authenticated no-op fast route through keel's whole request path;"
+        " their ratio is what keel's per-request cost leaves of the server's ceiling.",
         "- *CPU cores*: average cores busy during a run (median over runs), from /proc: the"
         " server's processes, the PostgreSQL backends serving its database (SQLite runs inside"
         " the server), wrk, and everything else on the machine (other work, the kernel)."
@@ -144,6 +152,21 @@ def _cpus(cpus: frozenset[int] | None) -> str:
     return "any (shared)" if cpus is None else ",".join(map(str, sorted(cpus)))
 
 
+def _reference_ratio(results: list[ScenarioResult]) -> list[str]:
+    """The no-op route's rate as a share of the bare handler's, at the same worker count."""
+    bare = {r.workers: r for r in results if r.scenario.name == "reference-bare" and r.ran}
+    lines = []
+    for noop in (r for r in results if r.scenario.name == "reference-noop" and r.ran):
+        base = bare.get(noop.workers)
+        if base is not None:
+            share = noop.median(_rps) / max(base.median(_rps), 1e-9)
+            lines.append(
+                f"**Reference, {noop.workers} worker(s):** the no-op route serves {share:.0%} of"
+                " the bare handler's rate in this run."
+            )
+    return [*lines, ""] if lines else []
+
+
 def _noise_warning(results: list[ScenarioResult]) -> list[str]:
     """Say so when other work took a real share of the machine: then the numbers are low."""
     ran = [r for r in results if r.ran]
@@ -165,7 +188,7 @@ def _unique_scenarios(results: list[ScenarioResult]) -> list[ScenarioResult]:
     return list(seen.values())
 
 
-def plot(results: list[ScenarioResult], path: Path, when: datetime) -> None:
+def plot(name: str, results: list[ScenarioResult], path: Path, when: datetime) -> None:
     """Bars of median req/s, whiskers for the run-to-run range, a line for each target."""
     import matplotlib
 
@@ -177,19 +200,21 @@ def plot(results: list[ScenarioResult], path: Path, when: datetime) -> None:
     for x, r in enumerate(ran):
         median, rps = r.median(_rps), r.rps
         colour = "tab:green" if r.target_met and not r.errors else "tab:orange"
+        colour = "tab:grey" if r.target_met is None and not r.errors else colour
         ax.bar(x, median, width=0.6, color=colour, alpha=0.8)
         ax.errorbar(
             x, median, yerr=[[median - min(rps)], [max(rps) - median]],
             fmt="none", ecolor="black", capsize=6,
         )  # fmt: skip
         ax.scatter([x] * len(rps), rps, s=10, color="black", zorder=3)
-        ax.hlines(r.scenario.target_rps, x - 0.4, x + 0.4, colors="tab:red", linestyles="--")
+        if r.scenario.has_target:
+            ax.hlines(r.scenario.target_rps, x - 0.4, x + 0.4, colors="tab:red", linestyles="--")
         ax.annotate(f"{median:,.0f}/s", (x, max(rps)), ha="center", va="bottom", fontsize=8,
                     xytext=(0, 4), textcoords="offset points")  # fmt: skip
     ax.set_xticks(range(len(ran)))
     ax.set_xticklabels([f"{r.scenario.name}\n{r.workers} worker(s)" for r in ran], fontsize=8)
     ax.set_ylabel("requests/s (median; whiskers: min-max; dots: runs)")
-    ax.set_title(f"keel ledger, wrk -c{wrk.CONNECTIONS} (red dashes: targets), {when:%Y-%m-%d}")
+    ax.set_title(f"keel {name}, wrk -c{wrk.CONNECTIONS} (red dashes: targets), {when:%Y-%m-%d}")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,17 +223,18 @@ def plot(results: list[ScenarioResult], path: Path, when: datetime) -> None:
 
 
 def write_results(
+    bench: ServiceBench,
     results: list[ScenarioResult],
     machine: dict[str, str],
     options: BenchOptions,
     results_dir: Path,
-    name: str = "ledger",
 ) -> list[Path]:
-    """Write ``<name>.md``, ``<name>.png`` (if matplotlib is installed) and the raw JSON."""
+    """Write ``<service>.md``, ``<service>.png`` (if matplotlib is installed) and the raw JSON."""
+    name = bench.service
     when = datetime.now(UTC)
     results_dir.mkdir(parents=True, exist_ok=True)
     written = [results_dir / f"{name}.md"]
-    written[0].write_text(markdown(results, machine, options, when))
+    written[0].write_text(markdown(bench, results, machine, options, when))
     raw = results_dir / f"{name}-{when:%Y%m%dT%H%M%S}.json"
     raw.write_text(
         json.dumps(
@@ -224,7 +250,7 @@ def write_results(
     written.append(raw)
     if any(r.ran for r in results):
         try:
-            plot(results, results_dir / f"{name}.png", when)
+            plot(name, results, results_dir / f"{name}.png", when)
             written.append(results_dir / f"{name}.png")
         except ImportError:
             pass  # matplotlib is in the `bench` dependency group; the table stands alone

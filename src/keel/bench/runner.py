@@ -1,4 +1,8 @@
-"""One scenario: fresh database, seeded accounts, the server, a warm-up, N wrk runs, the checks."""
+"""One scenario: fresh database, seeded records, the server, a warm-up, N wrk runs, the checks.
+
+What is seeded, requested and checked comes from the service's
+:class:`~keel.bench.scenarios.Workload`; the reference rows need none of it.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from typing import Any
 from keel.bench import stage, wrk
 from keel.bench.cpus import pinned
 from keel.bench.machine import CpuUse, cpu_between, sample_cpu
-from keel.bench.scenarios import Backend, Load, Scenario
+from keel.bench.scenarios import REFERENCE_LUA, Backend, Scenario, ServiceBench
 
 
 @dataclass(frozen=True)
@@ -21,21 +25,17 @@ class BenchOptions:
     runs: int = 5
     duration_s: float = 10.0
     warmup_s: float = 5.0
-    accounts: int = 1000
+    seed: int = 1000  # records the workload creates before the load (the ledger's accounts)
     postgres_url: str = "postgresql://postgres@127.0.0.1:5432/test"
     work_dir: Path = Path("bench/work")
-    outbox_worker: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
     server_cpus: frozenset[int] | None = None  # None: wherever the scheduler puts them
     wrk_cpus: frozenset[int] | None = None
 
     def server_env(self) -> dict[str, str]:
-        """Production defaults, except a rate limit no bench can reach."""
-        return {
-            "KEEL_RATE_LIMIT": "1000000/second",
-            "KEEL_LEDGER_OUTBOX_WORKER": "true" if self.outbox_worker else "false",
-            **self.extra_env,
-        }
+        """Production defaults, except a rate limit no bench can reach; then the service's and
+        the command line's settings."""
+        return {"KEEL_RATE_LIMIT": "1000000/second", **self.extra_env}
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class ScenarioResult:
     acknowledged: int = 0  # 2xx answers wrk counted, warm-up included
     wrk_calls: int = 0
     timeouts: int = 0
-    entries_before: int = 0  # the seed deposits
+    entries_before: int = 0  # rows the seeding wrote
     entries_written: int | None = None
     audit_ok: bool | None = None
     failure: str | None = None  # why the scenario could not run or finish
@@ -90,8 +90,8 @@ class ScenarioResult:
 
     @property
     def entries_consistent(self) -> bool | None:
-        """Every 201 was committed; no more were written than could have been in flight."""
-        if self.scenario.load is Load.GET_USER:
+        """Every 2xx was committed; no more were written than could have been in flight."""
+        if not self.scenario.writes:
             return None if self.entries_written is None else self.entries_written == 0
         if self.entries_written is None:
             return None
@@ -100,7 +100,7 @@ class ScenarioResult:
 
     @property
     def target_met(self) -> bool | None:
-        if not self.ran:
+        if not self.ran or not self.scenario.has_target:
             return None
         return self.scenario.target_met(self.median(_rps), self.median(_p99))
 
@@ -137,18 +137,28 @@ class Observer:
 
 
 def run_scenario(
-    scenario: Scenario, workers: int, options: BenchOptions, observer: Observer
+    bench: ServiceBench,
+    scenario: Scenario,
+    workers: int,
+    options: BenchOptions,
+    observer: Observer,
 ) -> ScenarioResult:
     """Measure one scenario; a failure is recorded in the result, not raised."""
-    return _ScenarioRun(scenario, workers, options, observer).measure()
+    return _ScenarioRun(bench, scenario, workers, options, observer).measure()
 
 
 class _ScenarioRun:
     """One scenario at one worker count, from an empty database to the audit."""
 
     def __init__(
-        self, scenario: Scenario, workers: int, options: BenchOptions, observer: Observer
+        self,
+        bench: ServiceBench,
+        scenario: Scenario,
+        workers: int,
+        options: BenchOptions,
+        observer: Observer,
     ) -> None:
+        self.bench, self.workload = bench, bench.workload
         self.scenario, self.options, self.observer = scenario, options, observer
         self.label = f"{scenario.name}-w{workers}"
         options.work_dir.mkdir(parents=True, exist_ok=True)
@@ -172,31 +182,39 @@ class _ScenarioRun:
         url = stage.fresh_database(
             self.scenario.backend, self.label, options.work_dir, options.postgres_url
         )
-        stage.run_keel("db", "upgrade", "ledger", "--database-url", url, log=log)
-        key = stage.run_keel(
-            "apikey", "create", "--scope", "admin", "--service", "ledger", "--name", "bench",
-            "--database-url", url, log=log,
-        ).strip().splitlines()[-1]  # fmt: skip
+        command, key = self._install(url)
         env = {**options.server_env(), **dict(self.result.scenario.env)}
-        server = stage.Server(url, self.result.workers, env, log, cpus=options.server_cpus)
+        server = stage.Server(command, url, self.result.workers, env, log, cpus=options.server_cpus)
         try:
             with server:
                 self._drive(server, key, url)
         except (stage.StageError, wrk.WrkOutputError) as exc:
             raise stage.StageError(f"{exc} ({server.exit_note()})") from exc
-        self.status("auditing the database")
-        self.result.entries_written = stage.count_entries(url) - self.result.entries_before
-        self.result.audit_ok = stage.audit_ok(url, log)
+        if self.scenario.app is None:
+            self.status("checking the database")
+            written = self.workload.count_writes(url)
+            if written is not None:
+                self.result.entries_written = written - self.result.entries_before
+            self.result.audit_ok = self.workload.audit(url, log)
+
+    def _install(self, url: str) -> tuple[list[str], str]:
+        """Migrate the fresh database and make an admin key; the command that serves it."""
+        if self.scenario.app is not None:
+            return ["bench", "reference", self.scenario.app], stage.core_key(url)
+        service, log = self.bench.service, self.log
+        stage.run_keel("db", "upgrade", service, "--database-url", url, log=log)
+        key = stage.run_keel(
+            "apikey", "create", "--scope", "admin", "--service", service, "--name", "bench",
+            "--database-url", url, log=log,
+        ).strip().splitlines()[-1]  # fmt: skip
+        return ["serve", service], key
 
     def _drive(self, server: stage.Server, key: str, url: str) -> None:
         options, result = self.options, self.result
         self.status(f"starting {result.workers} worker(s)")
         server.wait_ready()
-        self.status(f"seeding {options.accounts:,} accounts")
-        user_ids = stage.seed_accounts(server.base_url, key, options.accounts)
         script = options.work_dir / f"{self.label}.lua"
-        script.write_text(wrk.lua_script(self.scenario.load, user_ids, key))
-        result.entries_before = stage.count_entries(url)
+        script.write_text(self._script(server, key, url))
         self.status(f"warm-up {options.warmup_s:g} s")
         _record(result, self._one_run(server, script, options.warmup_s))
         self.observer.run_finished(self.label, None)
@@ -207,6 +225,15 @@ class _ScenarioRun:
             result.runs.append(run)
             self.observer.run_finished(self.label, run)
         self.status("stopping the server")
+
+    def _script(self, server: stage.Server, key: str, url: str) -> str:
+        """Seed the service (reference rows need nothing) and write its wrk script."""
+        if self.scenario.app is not None:
+            return REFERENCE_LUA.format(name=self.scenario.name, key=key)
+        self.status(f"seeding {self.options.seed:,} {self.bench.seeded}")
+        ids = self.workload.seed(server.base_url, key, self.options.seed)
+        self.result.entries_before = self.workload.count_writes(url) or 0
+        return self.workload.lua_script(self.scenario, ids, key)
 
     def _one_run(self, server: stage.Server, script: Path, duration_s: float) -> Run:
         database = stage.postgres_database_name(server.database_url)

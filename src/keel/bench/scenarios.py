@@ -1,12 +1,16 @@
-"""The ledger's benchmark scenarios and the speed targets they are reported against.
+"""What a service's bench declares: its scenarios, the speed targets they are reported against,
+and the workload that seeds its database, shapes its requests and checks the database afterwards.
 
-The runner measures and reports; it never asserts a target.
+The runner measures and reports; it never asserts a target. Every service's table also carries
+the two reference rows of :data:`REFERENCES`, measured in the same run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
 
 
 class Backend(StrEnum):
@@ -14,29 +18,29 @@ class Backend(StrEnum):
     POSTGRES = "postgres"
 
 
-class Load(StrEnum):
-    """What each request does."""
-
-    POST_SPREAD = "post-spread"  # POST /transactions, a random account of the seeded ones
-    POST_HOT = "post-hot"  # POST /transactions, every request on one account
-    GET_USER = "get-user"  # GET /users/{id}, a random account
-
-
 @dataclass(frozen=True)
 class Scenario:
     name: str
     backend: Backend
-    load: Load
+    load: str  # what each request does; the service's workload reads it (e.g. a StrEnum)
     summary: str
-    target_rps: float
+    target_rps: float  # 0: no target (a reference row)
     target_p99_ms: float | None = None
     # Chosen for a 2-core box, where wrk needs a slice of a core too. Each worker is one
     # CPU-bound Python process, so two of them. On SQLite the processes take turns at the write
     # lock through a file lock, so one fsyncs its commit while the other serves HTTP.
     default_workers: int = 1
     env: tuple[tuple[str, str], ...] = ()  # extra server settings, e.g. to measure a "before"
+    writes: bool = True  # False: the database must hold no new rows afterwards
+    app: str | None = None  # "module:factory" served instead of the service (reference rows)
+
+    @property
+    def has_target(self) -> bool:
+        return self.target_rps > 0
 
     def target_text(self) -> str:
+        if not self.has_target:
+            return "reference"
         text = f"≥ {self.target_rps:,.0f}/s"
         if self.target_p99_ms is not None:
             text += f", p99 < {self.target_p99_ms:g} ms"
@@ -48,51 +52,66 @@ class Scenario:
         return self.target_p99_ms is None or p99_ms < self.target_p99_ms
 
 
-SCENARIOS: dict[str, Scenario] = {
-    s.name: s
-    for s in [
-        Scenario(
-            "sqlite-post-spread",
-            Backend.SQLITE,
-            Load.POST_SPREAD,
-            "SQLite, POST /transactions over 1,000 accounts, each committed before its 201",
-            target_rps=4000,
-            target_p99_ms=50,
-            default_workers=2,
-        ),
-        Scenario(
-            "sqlite-post-spread-fastapi",
-            Backend.SQLITE,
-            Load.POST_SPREAD,
-            "the same, with the lean fast-path routes off (KEEL_FAST_PATH=false): the 'before'",
-            target_rps=4000,
-            target_p99_ms=50,
-            default_workers=2,
-            env=(("KEEL_FAST_PATH", "false"),),
-        ),
-        Scenario(
-            "sqlite-get-user",
-            Backend.SQLITE,
-            Load.GET_USER,
-            "SQLite, GET /users/{id} over 1,000 accounts",
-            target_rps=6000,
-            default_workers=2,
-        ),
-        Scenario(
-            "postgres-post-spread",
-            Backend.POSTGRES,
-            Load.POST_SPREAD,
-            "PostgreSQL, POST /transactions over 1,000 accounts",
-            target_rps=3000,
-            default_workers=2,
-        ),
-        Scenario(
-            "postgres-post-hot",
-            Backend.POSTGRES,
-            Load.POST_HOT,
-            "PostgreSQL, POST /transactions, every connection on one account",
-            target_rps=2000,
-            default_workers=2,
-        ),
-    ]
-}
+class Workload(Protocol):
+    """The service-specific half of a scenario; the runner does the rest."""
+
+    def seed(self, base_url: str, api_key: str, count: int) -> list[int]:
+        """Create ``count`` records over HTTP before the load; their ids."""
+
+    def lua_script(self, scenario: Scenario, ids: list[int], api_key: str) -> str:
+        """The wrk script that sends the scenario's requests."""
+
+    def count_writes(self, database_url: str) -> int | None:
+        """Rows the load adds, counted in the database; None if the service counts none."""
+
+    def audit(self, database_url: str, log: Path) -> bool | None:
+        """The service's own consistency check on the database afterwards; None if it has none."""
+
+
+@dataclass(frozen=True)
+class ServiceBench:
+    """A service's bench: ``keel bench <service>`` runs its scenarios and the reference rows."""
+
+    service: str
+    scenarios: tuple[Scenario, ...]
+    workload: Workload
+    load_text: str = ""  # one sentence for the results page: what the requests do
+    checks_text: str = ""  # one sentence: what `checks` in the table means
+    seeded: str = "records"  # what --seed creates, e.g. "accounts"
+    server_env: dict[str, str] = field(default_factory=dict)  # settings every run gets
+
+    def all_scenarios(self) -> dict[str, Scenario]:
+        """The service's scenarios, then the reference rows, by name."""
+        return {s.name: s for s in (*self.scenarios, *REFERENCES)}
+
+
+REFERENCES: tuple[Scenario, ...] = (
+    Scenario(
+        "reference-bare",
+        Backend.SQLITE,
+        "reference",
+        "a bare ASGI handler answering 200 `{}` under the same uvicorn: the ceiling",
+        target_rps=0,
+        default_workers=2,
+        writes=False,
+        app="keel.bench.reference:bare_app",
+    ),
+    Scenario(
+        "reference-noop",
+        Backend.SQLITE,
+        "reference",
+        "an authenticated no-op fast route (`POST /noop`, 202) through keel's whole request path",
+        target_rps=0,
+        default_workers=2,
+        writes=False,
+        app="keel.bench.reference:noop_app",
+    ),
+)
+REFERENCE_LUA = """\
+-- generated by keel bench: {name}
+wrk.method = "POST"
+wrk.path = "/noop"
+wrk.body = "{{}}"
+wrk.headers["Authorization"] = "Bearer {key}"
+wrk.headers["Content-Type"] = "application/json"
+"""

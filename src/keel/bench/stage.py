@@ -1,8 +1,8 @@
-"""Everything around the load: a fresh database, an admin key, seeded accounts, the server
-process, and the checks run on the database afterwards.
+"""Everything around the load: a fresh database, an admin key, the server process, and counting
+rows afterwards. What is seeded and checked is the service's (its ``Workload``).
 
 The service is driven through its own CLI (``keel db upgrade``, ``keel apikey create``,
-``keel serve``, ``keel ledger audit``) and HTTP API, so the bench measures what users run.
+``keel serve``) and HTTP API, so the bench measures what users run.
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ import httpx
 
 from keel.bench.cpus import pinned
 from keel.bench.scenarios import Backend
-
-SEED_DEPOSIT = 1_000_000_000  # so the ±1 postings of a run can never be refused
-SEED_CONCURRENCY = 32
 
 
 class StageError(RuntimeError):
@@ -103,9 +100,8 @@ def fresh_database(backend: Backend, label: str, work_dir: Path, postgres_url: s
     return _with_database(postgres_url, name)
 
 
-def count_entries(database_url: str) -> int:
-    """How many ledger entries the database holds, read from the database itself."""
-    query = "SELECT count(*) FROM ledger_entries"
+def count_rows(database_url: str, query: str) -> int:
+    """The integer a ``SELECT count(*) …`` returns, read from the database itself."""
     if database_url.startswith("sqlite"):
         with sqlite3.connect(database_url.split(":///", 1)[1]) as conn:
             return int(conn.execute(query).fetchone()[0])
@@ -120,15 +116,6 @@ def count_entries(database_url: str) -> int:
     return asyncio.run(count())
 
 
-def audit_ok(database_url: str, log: Path) -> bool:
-    """``keel ledger audit``: every balance equals the sum of its entries."""
-    try:
-        run_keel("ledger", "audit", "--database-url", database_url, log=log)
-    except StageError:
-        return False
-    return True
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -136,11 +123,32 @@ def free_port() -> int:
         return port
 
 
+async def _core_key(database_url: str) -> str:
+    from keel.core import migrate
+    from keel.core.auth import Scope, create_api_key
+    from keel.core.database import Database, create_engine
+
+    await migrate.upgrade(database_url, [])
+    database = Database(create_engine(database_url))
+    try:
+        async with database.write() as conn:
+            return await create_api_key(conn, scope=Scope.ADMIN, name="bench")
+    finally:
+        await database.dispose()
+
+
+def core_key(database_url: str) -> str:
+    """The core tables and an admin key in them: all a reference app needs."""
+    return asyncio.run(_core_key(database_url))
+
+
 class Server:
-    """``keel serve ledger`` as a child process in its own session, stopped with SIGINT."""
+    """A serving ``keel`` command (``serve <service>``, ``bench reference <app>``) as a child
+    process in its own session, stopped with SIGINT."""
 
     def __init__(
         self,
+        command: list[str],
         database_url: str,
         workers: int,
         env: dict[str, str],
@@ -148,6 +156,7 @@ class Server:
         port: int = 0,
         cpus: frozenset[int] | None = None,
     ) -> None:
+        self.command = command
         self.database_url = database_url
         self.cpus = cpus
         self.workers = workers
@@ -167,7 +176,7 @@ class Server:
         return self.process.pid
 
     def __enter__(self) -> Server:
-        args = ["serve", "ledger", "--port", str(self.port), "--workers", str(self.workers)]
+        args = [*self.command, "--port", str(self.port), "--workers", str(self.workers)]
         args += ["--database-url", self.database_url]
         with self.log.open("ab") as out, pinned(self.cpus):
             self.process = subprocess.Popen(  # noqa: S603 - our own CLI
@@ -221,35 +230,3 @@ class Server:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             return self.process.wait(10)
-
-
-async def _seed(base_url: str, api_key: str, accounts: int) -> list[int]:
-    headers = {"Authorization": f"Bearer {api_key}"}
-    gate = asyncio.Semaphore(SEED_CONCURRENCY)
-    stamp = time.time_ns()
-
-    async def open_account(client: httpx.AsyncClient, n: int) -> int:
-        async with gate:
-            made = await client.post("/users", json={"username": f"bench-{stamp}-{n}"})
-            if made.status_code != 201:
-                raise StageError(f"POST /users answered {made.status_code}: {made.text[:200]}")
-            user_id = int(made.json()["id"])
-            body = {"user_id": user_id, "amount": SEED_DEPOSIT, "description": "bench seed"}
-            paid = await client.post("/transactions", json=body)
-            if paid.status_code != 201:
-                raise StageError(f"seed deposit answered {paid.status_code}: {paid.text[:200]}")
-            return user_id
-
-    limits = httpx.Limits(max_connections=SEED_CONCURRENCY)
-    async with httpx.AsyncClient(
-        base_url=base_url, headers=headers, timeout=30.0, limits=limits
-    ) as client:
-        try:
-            return list(await asyncio.gather(*(open_account(client, n) for n in range(accounts))))
-        except httpx.HTTPError as exc:
-            raise StageError(f"seeding failed: {type(exc).__name__} {exc}") from exc
-
-
-def seed_accounts(base_url: str, api_key: str, accounts: int) -> list[int]:
-    """Open ``accounts`` accounts over HTTP, each with a large deposit; their ids."""
-    return asyncio.run(_seed(base_url, api_key, accounts))

@@ -25,6 +25,7 @@ from starlette.types import Scope as AsgiScope
 
 from keel import __version__
 from keel.core.auth import ApiKey, ApiKeyVerifier, Scope
+from keel.core.chains import MigrationChain
 from keel.core.database import Database
 from keel.core.errors import install_error_handlers
 from keel.core.fastpath import FastPath, FastRoute
@@ -61,6 +62,7 @@ class ServiceSpec:
     title: str
     description: str
     routers: list[APIRouter]
+    migrations: MigrationChain | None = None  # the service's own chain; /ready checks it
     fast_routes: list[FastRoute] = field(default_factory=list)  # measured hot paths
     workers: Workers | None = None  # background work started and stopped with the app
     health: HealthProbe | None = None  # extra fields for GET /health
@@ -118,7 +120,8 @@ def _system_router(spec: ServiceSpec) -> APIRouter:
     @router.get("/ready", summary="503 until the database is reachable and migrated")
     async def ready(plat: PlatformDep) -> JSONResponse:
         try:
-            pending = await pending_migrations(plat.database, spec.name)
+            own = [spec.migrations] if spec.migrations is not None else []
+            pending = await pending_migrations(plat.database, own)
         except Exception as exc:
             return _not_ready(f"database unreachable: {type(exc).__name__}")
         if pending:

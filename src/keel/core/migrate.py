@@ -1,5 +1,8 @@
 """Alembic, driven from code: one migration chain for the core tables, one per service.
 
+Callers name the chains they need (:class:`~keel.core.chains.MigrationChain`); the core chain
+always runs first.
+
 Each chain keeps its own version table (``alembic_version_<chain>``), so several services can share
 one PostgreSQL database. An upgrade runs in one write transaction (BEGIN IMMEDIATE on SQLite, an
 advisory lock on PostgreSQL), so worker processes starting together cannot race each other.
@@ -8,6 +11,7 @@ advisory lock on PostgreSQL), so worker processes starting together cannot race 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 from alembic import command
@@ -17,31 +21,19 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import MetaData, text
 from sqlalchemy.engine import Connection
 
+from keel.core.chains import CORE_CHAIN, MigrationChain, with_core
 from keel.core.database import Database, create_engine
 
-CHAINS: dict[str, str] = {
-    "core": "keel.core:migrations",
-    "ledger": "keel.ledger:migrations",
-}
-SERVICES = ("ledger",)
+__all__ = ["CORE_CHAIN", "MigrationChain", "pending_migrations", "run_env", "upgrade"]
+
+Chains = Sequence[MigrationChain]
 
 
-def chains_for(service: str) -> list[str]:
-    """The chains a service's database needs, in order."""
-    if service not in SERVICES:
-        raise ValueError(f"unknown service {service!r}; choose from {', '.join(SERVICES)}")
-    return ["core", service]
-
-
-def version_table(chain: str) -> str:
-    return f"alembic_version_{chain}"
-
-
-def alembic_config(chain: str, connection: Connection | None = None) -> Config:
+def alembic_config(chain: MigrationChain, connection: Connection | None = None) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", CHAINS[chain])
+    cfg.set_main_option("script_location", chain.script_location)
     cfg.attributes["connection"] = connection
-    cfg.attributes["version_table"] = version_table(chain)
+    cfg.attributes["version_table"] = chain.version_table
     return cfg
 
 
@@ -62,7 +54,7 @@ def run_env(context: Any, target_metadata: MetaData) -> None:
         context.run_migrations()
 
 
-def _upgrade_chains(connection: Connection, chains: list[str]) -> None:
+def _upgrade_chains(connection: Connection, chains: list[MigrationChain]) -> None:
     if connection.dialect.name == "postgresql":
         connection.execute(
             text("SELECT pg_advisory_xact_lock(:k)"), {"k": zlib.crc32(b"keel-migrations")}
@@ -71,29 +63,29 @@ def _upgrade_chains(connection: Connection, chains: list[str]) -> None:
         command.upgrade(alembic_config(chain, connection), "head")
 
 
-def _pending_chains(connection: Connection, chains: list[str]) -> list[str]:
+def _pending_chains(connection: Connection, chains: list[MigrationChain]) -> list[str]:
     pending = []
     for chain in chains:
         context = MigrationContext.configure(
-            connection, opts={"version_table": version_table(chain)}
+            connection, opts={"version_table": chain.version_table}
         )
         head = ScriptDirectory.from_config(alembic_config(chain)).get_current_head()
         if context.get_current_revision() != head:
-            pending.append(chain)
+            pending.append(chain.name)
     return pending
 
 
-async def upgrade(database_url: str, service: str) -> None:
-    """Bring a service's database to the newest schema."""
+async def upgrade(database_url: str, chains: Chains) -> None:
+    """Bring a database to the newest schema of the core chain and then of ``chains``."""
     database = Database(create_engine(database_url))
     try:
         async with database.write() as conn:
-            await conn.run_sync(_upgrade_chains, chains_for(service))
+            await conn.run_sync(_upgrade_chains, with_core(chains))
     finally:
         await database.dispose()
 
 
-async def pending_migrations(database: Database, service: str) -> list[str]:
-    """The chains not yet at head; empty when the schema is current."""
+async def pending_migrations(database: Database, chains: Chains) -> list[str]:
+    """The names of the chains (the core's and ``chains``) not yet at head; empty when current."""
     async with database.read() as conn:
-        return await conn.run_sync(_pending_chains, chains_for(service))
+        return await conn.run_sync(_pending_chains, with_core(chains))

@@ -15,6 +15,7 @@ from keel.ledger.fast import ROUTES as FAST_ROUTES
 from keel.ledger.outbox import OutboxWorker
 from keel.ledger.outbox_store import outbox_summary
 from keel.ledger.postings import posting_committer
+from keel.ledger.registration import MIGRATIONS
 from keel.ledger.settings import LedgerSettings
 from keel.ledger.webhooks_api import router as webhooks_router
 
@@ -63,6 +64,7 @@ SPEC = ServiceSpec(
     description="Accounts and money: every balance always equals the sum of its entries.",
     fast_routes=FAST_ROUTES,
     routers=[router, webhooks_router],
+    migrations=MIGRATIONS,
     workers=ledger_workers,
     health=ledger_health,
 )
