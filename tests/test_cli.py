@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from keel.core.auth import hash_key
 from keel.core.database import Database, create_engine
 from keel.core.tables import api_keys
 from keel.ledger.tables import users
+from keel.registry import services
 
 runner = CliRunner()
 
@@ -102,3 +104,33 @@ def test_keys_for_every_scope(tmp_path: Path, scope: str) -> None:
     created = runner.invoke(app, ["apikey", "create", "--scope", scope, "--database-url", url])
     assert created.exit_code == 0, created.output
     assert asyncio.run(_key_scope(url, created.output.strip().splitlines()[-1])) == scope
+
+
+def test_commands_come_from_the_registry() -> None:
+    top = runner.invoke(app, ["--help"]).output
+    for command in ("serve", "run", "db", "apikey", "bench", *services()):
+        assert re.search(rf"^│ {command} ", top, re.M), command
+    assert "audit" in runner.invoke(app, ["ledger", "--help"]).output
+    assert re.search(r"^│ ledger ", runner.invoke(app, ["bench", "--help"]).output, re.M)
+
+
+def test_an_unknown_service_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    result = runner.invoke(app, ["db", "upgrade", "nosuch", "--database-url", url])
+    assert result.exit_code == 2
+    assert not (tmp_path / "cli.db").exists()
+
+
+def test_bench_names_its_scenarios_when_given_an_unknown_one() -> None:
+    result = runner.invoke(app, ["bench", "ledger", "--scenario", "nosuch"])
+    assert result.exit_code == 2
+    assert "sqlite-post-spread" in result.output and "reference-noop" in result.output
+
+
+def test_bench_settings_must_be_name_value(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["bench", "ledger", "-s", "reference-bare", "--env", "NOEQUALS", "--work-dir",
+              str(tmp_path)],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "NAME=VALUE" in result.output

@@ -93,9 +93,11 @@ def _service_command(entry: ServiceEntry) -> Callable[..., None]:
         from keel.bench import wrk
         from keel.bench.runner import BenchOptions
 
-        wrk.wrk_path()  # fail before any set-up if the load generator is missing
         bench = entry.load_bench()
         assert bench is not None
+        plan = _plan(bench, scenario, workers)
+        settings = {**bench.server_env, **_env_option(env or [])}
+        wrk.wrk_path()  # fail before any set-up if the load generator is missing
         options = BenchOptions(
             runs=runs,
             duration_s=duration,
@@ -103,11 +105,11 @@ def _service_command(entry: ServiceEntry) -> Callable[..., None]:
             seed=seed,
             postgres_url=postgres_url,
             work_dir=work_dir,
-            extra_env={**bench.server_env, **_env_option(env or [])},
+            extra_env=settings,
             server_cpus=_cpu_option(server_cpus, "--server-cpus"),
             wrk_cpus=_cpu_option(wrk_cpus, "--wrk-cpus"),
         )
-        _run_bench(bench, _plan(bench, scenario, workers), options, results_dir)
+        _run_bench(bench, plan, options, results_dir)
 
     return bench
 

@@ -72,6 +72,7 @@ def _row(result: ScenarioResult) -> str:
         return f"| {name} | {workers} |{' — |' * 7} skipped: {why} | {target} | — |"
     rps = result.rps
     checks = f"audit {_check(result.audit_ok)}, entries {_check(result.entries_consistent)}"
+    checks = "—" if result.scenario.app is not None else checks
     cells = [
         name,
         workers,
