@@ -165,3 +165,11 @@ def test_keel_run_starts_every_registered_service(
     )
     assert counted.json() == {"count": 0}
     assert (tmp_path / "data" / "toy.db").exists()
+
+
+def test_the_toy_benches_its_own_scenarios_beside_the_references() -> None:
+    refused = runner.invoke(cli, ["bench", "toy", "--scenario", "nosuch"])
+    assert refused.exit_code == 2
+    choices = refused.output.split("choose from", 1)[1]
+    assert "sqlite-notes" in choices and "reference-bare" in choices
+    assert "sqlite-post-spread" not in choices  # the ledger's stay the ledger's
