@@ -22,6 +22,7 @@ class Load(StrEnum):
 
     POST_SPREAD = "post-spread"  # POST /transactions, a random account of the seeded ones
     POST_HOT = "post-hot"  # POST /transactions, every request on one account
+    POST_KEYED = "post-keyed"  # POST_SPREAD with a fresh random Idempotency-Key on each request
     GET_USER = "get-user"  # GET /users/{id}, a random account
 
 
@@ -46,6 +47,15 @@ SCENARIOS: tuple[Scenario, ...] = (
         env=(("KEEL_FAST_PATH", "false"),),
     ),
     Scenario(
+        "sqlite-post-keyed",
+        Backend.SQLITE,
+        Load.POST_KEYED,
+        "sqlite-post-spread with a fresh random Idempotency-Key on every request",
+        target_rps=4000 * 0.7,
+        target_p99_ms=50,
+        default_workers=2,
+    ),
+    Scenario(
         "sqlite-get-user",
         Backend.SQLITE,
         Load.GET_USER,
@@ -60,6 +70,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         Load.POST_SPREAD,
         "PostgreSQL, POST /transactions over 1,000 accounts",
         target_rps=3000,
+        default_workers=2,
+    ),
+    Scenario(
+        "postgres-post-keyed",
+        Backend.POSTGRES,
+        Load.POST_KEYED,
+        "postgres-post-spread with a fresh random Idempotency-Key on every request",
+        target_rps=3000 * 0.7,
         default_workers=2,
     ),
     Scenario(
@@ -78,6 +96,7 @@ local ids = {{{ids}}}
 local n = #ids
 local hot = {hot}
 local counter = 0
+local sent = 0
 
 wrk.headers["Authorization"] = "Bearer {key}"
 wrk.headers["Content-Type"] = "application/json"
@@ -100,6 +119,13 @@ _POST = """\
   local amount = math.random(2) == 1 and 1 or -1
   local body = '{"user_id":' .. id .. ',"amount":' .. amount .. ',"description":"bench"}'
   return wrk.format("POST", "/transactions", nil, body)"""
+# A random 128-bit hex key, made unique by the thread's number and a count: a client's UUIDs.
+_KEYED = """\
+  sent = sent + 1
+  wrk.headers["Idempotency-Key"] = string.format(
+    "%08x%08x%08x-%d-%d", math.random(0, 0x7fffffff), math.random(0, 0x7fffffff),
+    math.random(0, 0x7fffffff), thread_no or 0, sent)
+"""
 _GET = """\
   return wrk.format("GET", "/users/" .. id)"""
 
@@ -111,8 +137,14 @@ def lua_script(load: str, user_ids: list[int], api_key: str) -> str:
         ids=",".join(str(i) for i in user_ids),
         hot=str(user_ids[0]) if load == Load.POST_HOT else "nil",
         key=api_key,
-        body=_GET if load == Load.GET_USER else _POST,
+        body=_body(load),
     )
+
+
+def _body(load: str) -> str:
+    if load == Load.GET_USER:
+        return _GET
+    return _KEYED + _POST if load == Load.POST_KEYED else _POST
 
 
 class LedgerWorkload:
