@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from keel.bench.command import bench_app
 from keel.clikit import (
     DatabaseUrl,
     console,
@@ -37,8 +38,6 @@ def build_app(entries: Mapping[str, ServiceEntry]) -> typer.Typer:
     _add_serving(cli, entries, names)
     cli.add_typer(_db_app(entries, names), name="db")
     cli.add_typer(_apikey_app(entries, names), name="apikey")
-    from keel.bench.command import bench_app
-
     cli.add_typer(bench_app(entries), name="bench")
     for entry in entries.values():
         group = entry.load_cli()
