@@ -190,7 +190,9 @@ def create_service_app(spec: ServiceSpec, settings: ServiceSettings) -> FastAPI:
         plat = Platform(
             settings=settings,
             database=database,
-            api_keys=ApiKeyVerifier(database, settings.api_key_cache_seconds),
+            api_keys=ApiKeyVerifier(
+                database, settings.api_key_cache_seconds, settings.api_key_negative_cache_seconds
+            ),
             rate_limiter=RateLimiter(
                 settings.rate_limit,
                 settings.redis_url,
