@@ -144,3 +144,8 @@ def test_the_local_limit_forgets_idle_callers() -> None:
         limit.hit(f"caller-{n}", 100.5)
     limit.hit("late", 103.5)  # two windows on: everyone idle since is dropped
     assert set(limit._counts) == {"late"}
+
+
+async def test_health_shows_the_limiter_backend(client: httpx.AsyncClient) -> None:
+    body = (await client.get("/health")).json()
+    assert body["rate_limit"] == {"backend": "memory", "status": "ok"}

@@ -18,11 +18,12 @@ from pathlib import Path
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from keel.core.database import Database, create_engine
 from keel.core.errors import RateLimited
-from keel.core.ratelimit import BACKEND_ERRORS, LOCAL_FALLBACKS, RateLimiter
+from keel.core.ratelimit import RateLimiter
 from keel.ledger.settings import LedgerSettings
 from tests import backends
 from tests.core.test_ratelimit import _key_with_fresh_id
@@ -168,9 +169,10 @@ async def test_a_hung_redis_lets_requests_through_within_the_timeout(
 
 def _counts(namespace: str) -> tuple[float, float]:
     """(backend errors, local fallbacks) counted so far for ``namespace``."""
-    errors = BACKEND_ERRORS.labels(namespace)._value.get()
-    fallbacks = LOCAL_FALLBACKS.labels(namespace)._value.get()
-    return errors, fallbacks
+    labels = {"service": namespace}
+    errors = REGISTRY.get_sample_value("keel_rate_limit_backend_errors_total", labels)
+    fallbacks = REGISTRY.get_sample_value("keel_rate_limit_fallback_checks_total", labels)
+    return errors or 0.0, fallbacks or 0.0
 
 
 async def test_a_hung_redis_costs_one_timeout_per_back_off_not_per_request(
@@ -196,7 +198,8 @@ async def test_a_hung_redis_costs_one_timeout_per_back_off_not_per_request(
             assert _counts(namespace) == (6, 55)
         lines = [r.getMessage() for r in caplog.records if r.name == "keel.ratelimit"]
         assert len(lines) == 2, lines  # one when the outage starts, one when it ends
-        assert "failing (TimeoutError" in lines[0] and "answering again" in lines[1]
+        assert "failing for 0.0s (1 errors, last TimeoutError" in lines[0]
+        assert "answering again" in lines[1]
     finally:
         await limiter.close()
 

@@ -34,7 +34,7 @@ log = logging.getLogger("keel.ratelimit")
 
 BACKEND_ERRORS = Counter(
     "keel_rate_limit_backend_errors_total",
-    "Rate-limit checks whose Redis call failed or timed out (the request was let through).",
+    "Rate-limiter calls to Redis that failed or timed out (requests were counted in memory).",
     ["service"],
 )
 LOCAL_FALLBACKS = Counter(
@@ -98,7 +98,7 @@ class LocalLimit:
 
 
 class RedisBackend:
-    """The limits' counters in Redis, with short timeouts and no retries (the caller fails open)."""
+    """limits' counters in Redis, with short timeouts and no retries (the caller fails open)."""
 
     def __init__(self, url: str, namespace: str, timeout: float) -> None:
         self.timeout = timeout
@@ -131,7 +131,11 @@ class RedisBackend:
 
 
 class Breaker:
-    """Whether to ask Redis now: not again for ``backoff`` seconds after it failed."""
+    """Whether to ask Redis now: not again for ``backoff`` seconds after it failed.
+
+    Logs the start of an outage and its end, and at most one line a minute between them, so a
+    Redis that flaps cannot write a line per request either.
+    """
 
     def __init__(self, backoff: float) -> None:
         self.backoff = backoff
@@ -140,7 +144,7 @@ class Breaker:
         self._retry_at = 0.0
         self._since = 0.0
         self._errors = 0
-        self._logged_at = 0.0
+        self._logged_at = -math.inf
 
     def allows(self, now: float) -> bool:
         if not self.failing:
@@ -153,28 +157,26 @@ class Breaker:
     def failed(self, exc: BaseException, now: float, namespace: str) -> None:
         self.last_error = type(exc).__name__
         self._retry_at = now + self.backoff
-        self._errors += 1
         if not self.failing:
-            self.failing, self._since, self._errors, self._logged_at = True, now, 1, now
-            log.warning(
-                "%s: rate-limit Redis failing (%s); counting in this process, retrying every %.1fs",
-                namespace,
-                f"{self.last_error}: {exc}" if str(exc) else self.last_error,
-                self.backoff,
-            )
-        elif now - self._logged_at >= _LOG_EVERY_SECONDS:
+            self.failing, self._since, self._errors = True, now, 0
+        self._errors += 1
+        if now - self._logged_at >= _LOG_EVERY_SECONDS:
             self._logged_at = now
             log.warning(
-                "%s: rate-limit Redis still failing after %.0fs (%d errors, last %s)",
+                "%s: rate-limit Redis failing for %.1fs (%d errors, last %s); counting in this"
+                " process, asking Redis again every %.1fs",
                 namespace,
                 now - self._since,
                 self._errors,
-                self.last_error,
+                f"{self.last_error}: {exc}" if str(exc) else self.last_error,
+                self.backoff,
             )
 
     def succeeded(self, now: float, namespace: str) -> None:
-        if self.failing:
-            self.failing = False
+        if not self.failing:
+            return
+        self.failing = False
+        if self._logged_at >= self._since:  # the outage's start was logged: so is its end
             log.warning(
                 "%s: rate-limit Redis answering again after %.1fs (%d errors)",
                 namespace,
