@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from keel.core.database import Database, create_engine
 from keel.core.errors import RateLimited
-from keel.core.ratelimit import RateLimiter
+from keel.core.ratelimit import Breaker, RateLimiter
 from keel.ledger.settings import LedgerSettings
 from tests import backends
 from tests.core.test_ratelimit import _key_with_fresh_id
@@ -198,7 +198,7 @@ async def test_a_hung_redis_costs_one_timeout_per_back_off_not_per_request(
             assert _counts(namespace) == (6, 55)
         lines = [r.getMessage() for r in caplog.records if r.name == "keel.ratelimit"]
         assert len(lines) == 2, lines  # one when the outage starts, one when it ends
-        assert "failing for 0.0s (1 errors, last TimeoutError" in lines[0]
+        assert "Redis failing (TimeoutError" in lines[0]
         assert "answering again" in lines[1]
     finally:
         await limiter.close()
@@ -218,3 +218,22 @@ async def test_while_redis_is_down_each_process_still_limits(private_redis: Priv
         assert health == {"backend": "redis", "status": "failing", "last_error": "ConnectionError"}
     finally:
         await limiter.close()
+
+
+def test_a_flapping_redis_logs_a_line_per_ten_seconds_not_per_outage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    breaker, now = Breaker(backoff=1.0), 0.0
+    with caplog.at_level(logging.WARNING, logger="keel.ratelimit"):
+        for _ in range(100):  # 100 outages of a second each, over 200 seconds
+            breaker.failed(ConnectionError("refused"), now, "test")
+            now += 1.0
+            assert breaker.allows(now)
+            breaker.succeeded(now, "test")
+            now += 1.0
+    lines = [r.getMessage() for r in caplog.records if r.name == "keel.ratelimit"]
+    assert len(lines) <= 2 * 200 / 10  # a start and its end at most every ten seconds
+    assert "Redis failing (ConnectionError: refused)" in lines[0]
+    assert "answering again after 1.0s" in lines[1]
+    # The next start logged (t=12 s) counts the ones it stood in for (t=2, 4, 6, 8, 10 s).
+    assert "5 more short outages since the last line" in lines[2]

@@ -7,8 +7,8 @@ hold across processes and hosts.
 Redis helps enforce a limit; it must not take the service down. A Redis call waits at most
 ``rate_limit_redis_timeout_seconds``; after a failure the limiter stops asking Redis for
 ``rate_limit_redis_backoff_seconds`` (then one request probes it again) and meanwhile counts in
-process memory, as it would without Redis, rather than not limiting at all. The outage is logged
-once (then at most once a minute while it lasts), counted in ``/metrics`` and shown on ``/health``.
+process memory, as it would without Redis, rather than not limiting at all. An outage is logged
+when it starts and ends (see :class:`Breaker`), counted in ``/metrics`` and shown on ``/health``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ LOCAL_FALLBACKS = Counter(
     "Rate-limit checks counted in process memory because Redis was unavailable.",
     ["service"],
 )
-_LOG_EVERY_SECONDS = 60.0
+_LOG_EVERY_SECONDS = 60.0  # while an outage lasts
+_LOG_GAP_SECONDS = 10.0  # between the starts of outages
 
 
 class LocalLimit:
@@ -133,8 +134,9 @@ class RedisBackend:
 class Breaker:
     """Whether to ask Redis now: not again for ``backoff`` seconds after it failed.
 
-    Logs the start of an outage and its end, and at most one line a minute between them, so a
-    Redis that flaps cannot write a line per request either.
+    Logs when an outage starts and ends, and once a minute while it lasts. A Redis that flaps
+    (each probe succeeding, the next call failing) gets at most one start line per
+    ``_LOG_GAP_SECONDS``, each counting the outages it stands for, never a line per request.
     """
 
     def __init__(self, backoff: float) -> None:
@@ -144,7 +146,9 @@ class Breaker:
         self._retry_at = 0.0
         self._since = 0.0
         self._errors = 0
+        self._outages = 0  # started since the last line logged
         self._logged_at = -math.inf
+        self._outage_logged = False
 
     def allows(self, now: float) -> bool:
         if not self.failing:
@@ -159,30 +163,51 @@ class Breaker:
         self._retry_at = now + self.backoff
         if not self.failing:
             self.failing, self._since, self._errors = True, now, 0
+            self._outages += 1
+            if now - self._logged_at >= _LOG_GAP_SECONDS:
+                self._log(
+                    now,
+                    "%s: rate-limit Redis failing (%s%s); counting in this process,"
+                    " asking Redis again every %.1fs",
+                    namespace,
+                    self._describe(exc),
+                    self._flaps(),
+                    self.backoff,
+                )
         self._errors += 1
         if now - self._logged_at >= _LOG_EVERY_SECONDS:
-            self._logged_at = now
-            log.warning(
-                "%s: rate-limit Redis failing for %.1fs (%d errors, last %s); counting in this"
-                " process, asking Redis again every %.1fs",
+            self._log(
+                now,
+                "%s: rate-limit Redis still failing after %.0fs (%d errors, last %s)",
                 namespace,
                 now - self._since,
                 self._errors,
-                f"{self.last_error}: {exc}" if str(exc) else self.last_error,
-                self.backoff,
+                self._describe(exc),
             )
 
     def succeeded(self, now: float, namespace: str) -> None:
         if not self.failing:
             return
         self.failing = False
-        if self._logged_at >= self._since:  # the outage's start was logged: so is its end
-            log.warning(
+        if self._outage_logged:  # an end is logged only if the outage was
+            self._log(
+                now,
                 "%s: rate-limit Redis answering again after %.1fs (%d errors)",
                 namespace,
                 now - self._since,
                 self._errors,
             )
+
+    def _log(self, now: float, message: str, *args: object) -> None:
+        self._logged_at, self._outages, self._outage_logged = now, 0, self.failing
+        log.warning(message, *args)
+
+    def _flaps(self) -> str:
+        earlier = self._outages - 1
+        return f"; {earlier} more short outages since the last line" if earlier else ""
+
+    def _describe(self, exc: BaseException) -> str:
+        return f"{self.last_error}: {exc}" if str(exc) else str(self.last_error)
 
 
 class RateLimiter:
