@@ -52,7 +52,7 @@ class PrivateRedis:
         process, self._process = self._process, None
         if process is None:
             return
-        self.thaw_pid(process.pid)
+        self._thaw(process.pid)
         process.terminate()
         process.wait(timeout=10)
         wait_until(lambda: not self._listening(), 10, f"port {self.port} to close")
@@ -65,9 +65,9 @@ class PrivateRedis:
 
     def thaw(self) -> None:
         assert self._process is not None
-        self.thaw_pid(self._process.pid)
+        self._thaw(self._process.pid)
 
-    def thaw_pid(self, pid: int) -> None:
+    def _thaw(self, pid: int) -> None:
         if self._frozen:
             os.kill(pid, signal.SIGCONT)
             self._frozen = False
