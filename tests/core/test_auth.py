@@ -12,7 +12,7 @@ from sqlalchemy import update
 from starlette.datastructures import Headers
 
 from keel.core import auth
-from keel.core.auth import ApiKey, ApiKeyVerifier, Scope, hash_key
+from keel.core.auth import ApiKey, ApiKeyVerifier, Scope, create_api_key, generate_key, hash_key
 from keel.core.database import Database
 from keel.core.errors import Forbidden, Unauthorized
 from keel.core.tables import api_keys
@@ -20,10 +20,11 @@ from keel.core.tables import api_keys
 pytestmark = pytest.mark.anyio
 
 CACHE_SECONDS = 5.0
+BOGUS = "keel_00000000_not-a-real-key"
 
 
 class Clock:
-    """Stands in for ``time.monotonic`` in keel.core.auth, so cache ages move without waiting."""
+    """The verifier's clock, moved by hand, so cache ages move without waiting."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -35,8 +36,8 @@ class Clock:
 class CountingVerifier(ApiKeyVerifier):
     """The real verifier against the real database, counting the lookups it makes."""
 
-    def __init__(self, database: Database) -> None:
-        super().__init__(database, CACHE_SECONDS)
+    def __init__(self, database: Database, clock: Clock | None = None, **options: Any) -> None:
+        super().__init__(database, CACHE_SECONDS, clock=clock or Clock(), **options)
         self.lookups = 0
 
     async def _fetch(self, digest: bytes) -> ApiKey | None:
@@ -45,10 +46,8 @@ class CountingVerifier(ApiKeyVerifier):
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr(auth.time, "monotonic", fake)
-    return fake
+def clock() -> Clock:
+    return Clock()
 
 
 def bearer(raw: str) -> Headers:
@@ -93,7 +92,7 @@ async def test_missing_or_unknown_keys_are_refused(
 async def test_a_revoked_key_stops_working_once_its_cache_entry_expires(
     database: Database, make_key: Any, clock: Clock
 ) -> None:
-    verifier = ApiKeyVerifier(database, CACHE_SECONDS)
+    verifier = ApiKeyVerifier(database, CACHE_SECONDS, clock=clock)
     raw = await make_key(Scope.ADMIN)
     await verifier.authenticate(bearer(raw), Scope.READ)
     await revoke(database, raw)
@@ -121,7 +120,7 @@ async def test_concurrent_misses_share_one_lookup(
 async def test_a_nearly_stale_key_is_refreshed_without_making_requests_wait(
     database: Database, make_key: Any, clock: Clock
 ) -> None:
-    verifier = CountingVerifier(database)
+    verifier = CountingVerifier(database, clock)
     raw = await make_key(Scope.ADMIN)
     await verifier.authenticate(bearer(raw), Scope.READ)
     await revoke(database, raw)
@@ -138,3 +137,79 @@ async def test_a_nearly_stale_key_is_refreshed_without_making_requests_wait(
     with pytest.raises(Unauthorized):
         await verifier.authenticate(bearer(raw), Scope.READ)
     assert verifier.lookups == 2
+
+
+async def test_a_cached_key_is_not_hashed_again(
+    database: Database, make_key: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed: list[str] = []
+
+    def counting_hash(raw: str) -> bytes:
+        hashed.append(raw)
+        return hash_key(raw)
+
+    raw = await make_key(Scope.READ)
+    monkeypatch.setattr(auth, "hash_key", counting_hash)
+    verifier = ApiKeyVerifier(database, CACHE_SECONDS)
+    for _ in range(100):
+        await verifier.authenticate(bearer(raw), Scope.READ)
+    assert hashed == [raw]  # once, for the database lookup
+
+
+async def test_an_unknown_key_is_looked_up_once_per_negative_window(
+    database: Database, clock: Clock
+) -> None:
+    verifier = CountingVerifier(database, clock, negative_cache_seconds=1.0)
+    for _ in range(20):
+        with pytest.raises(Unauthorized):
+            await verifier.authenticate(bearer(BOGUS), Scope.READ)
+    assert verifier.lookups == 1
+    clock.now += 1.0
+    with pytest.raises(Unauthorized):
+        await verifier.authenticate(bearer(BOGUS), Scope.READ)
+    assert verifier.lookups == 2
+
+
+async def test_a_key_created_after_it_was_refused_works_once_the_negative_window_ends(
+    database: Database, clock: Clock
+) -> None:
+    """The documented delay: at most ``api_key_negative_cache_seconds`` (1 s by default)."""
+    verifier = ApiKeyVerifier(database, CACHE_SECONDS, 1.0, clock=clock)
+    raw = generate_key()
+    with pytest.raises(Unauthorized):
+        await verifier.authenticate(bearer(raw), Scope.READ)
+    async with database.write() as conn:
+        await create_api_key(conn, scope=Scope.WRITE, raw_key=raw)
+    clock.now += 0.5  # still within the negative window: the cached refusal stands
+    with pytest.raises(Unauthorized):
+        await verifier.authenticate(bearer(raw), Scope.READ)
+    clock.now += 0.5
+    assert (await verifier.authenticate(bearer(raw), Scope.WRITE)).scope is Scope.WRITE
+
+
+async def test_random_bogus_keys_neither_grow_memory_nor_evict_real_keys(
+    database: Database, make_key: Any, clock: Clock
+) -> None:
+    verifier = CountingVerifier(database, clock, max_entries=50)
+    raw = await make_key(Scope.READ)
+    await verifier.authenticate(bearer(raw), Scope.READ)
+    for _ in range(300):
+        with pytest.raises(Unauthorized):
+            await verifier.authenticate(bearer(generate_key()), Scope.READ)
+    assert len(verifier._unknown) == 50  # bounded: the oldest answers went first
+    assert len(verifier._known) == 1
+    lookups = verifier.lookups
+    await verifier.authenticate(bearer(raw), Scope.READ)
+    assert verifier.lookups == lookups  # the real key is still answered from its cache
+
+    clock.now += 1.0  # once expired, the next answer stored sweeps the old ones out
+    with pytest.raises(Unauthorized):
+        await verifier.authenticate(bearer(generate_key()), Scope.READ)
+    assert len(verifier._unknown) == 1
+
+
+async def test_an_overlong_key_is_refused_without_a_lookup(database: Database) -> None:
+    verifier = CountingVerifier(database)
+    with pytest.raises(Unauthorized):
+        await verifier.authenticate(bearer("keel_" + "x" * 10_000), Scope.READ)
+    assert verifier.lookups == 0 and len(verifier._unknown) == 0

@@ -15,7 +15,7 @@ from sqlalchemy import insert
 from keel.core.auth import Scope, hash_key
 from keel.core.database import Database
 from keel.core.errors import RateLimited
-from keel.core.ratelimit import RateLimiter
+from keel.core.ratelimit import LocalLimit, RateLimiter
 from keel.core.tables import api_keys
 from keel.ledger.settings import LedgerSettings
 from tests.support.apps import ledger_client
@@ -121,3 +121,31 @@ async def test_memory_limiters_count_alone() -> None:
     await second.check("k")
     with pytest.raises(RateLimited):
         await first.check("k")
+
+
+def test_the_local_limit_slides_across_windows() -> None:
+    """The previous window counts by the share of it the sliding window still covers."""
+    limit = LocalLimit(amount=10, window=60.0)
+    start = 6000.0  # the start of a window
+    assert [limit.hit("k", start + 1) for _ in range(10)] == [None] * 10
+    assert limit.hit("k", start + 30) == pytest.approx(60 - 30 + 60 * (1 - 10 / 10))
+    # Half-way through the next window, half of the previous ten still count: five more pass.
+    halfway = start + 60 + 30
+    assert [limit.hit("k", halfway) for _ in range(5)] == [None] * 5
+    # 10 * (60 - t) / 60 + 5 < 10 only once t > 30: refused at 30 s, let through just after.
+    assert limit.hit("k", halfway) == pytest.approx(0)
+    assert limit.hit("k", halfway + 0.5) is None
+    assert limit.hit("other", halfway) is None  # per identity
+
+
+def test_the_local_limit_forgets_idle_callers() -> None:
+    limit = LocalLimit(amount=1, window=1.0)
+    for n in range(1000):
+        limit.hit(f"caller-{n}", 100.5)
+    limit.hit("late", 103.5)  # two windows on: everyone idle since is dropped
+    assert set(limit._counts) == {"late"}
+
+
+async def test_health_shows_the_limiter_backend(client: httpx.AsyncClient) -> None:
+    body = (await client.get("/health")).json()
+    assert body["rate_limit"] == {"backend": "memory", "status": "ok"}

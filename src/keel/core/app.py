@@ -108,6 +108,9 @@ def _system_router(spec: ServiceSpec) -> APIRouter:
         except Exception as exc:  # health reports the failure rather than failing itself
             body["status"] = "degraded"
             body["database"] = {"status": "down", "error": type(exc).__name__}
+        body["rate_limit"] = await plat.rate_limiter.health()
+        if body["rate_limit"]["status"] != "ok":  # requests still pass: limits count per process
+            body["status"] = "degraded"
         if spec.health is not None and body["database"]["status"] == "ok":
             try:
                 body.update(await spec.health(plat))
@@ -190,8 +193,16 @@ def create_service_app(spec: ServiceSpec, settings: ServiceSettings) -> FastAPI:
         plat = Platform(
             settings=settings,
             database=database,
-            api_keys=ApiKeyVerifier(database, settings.api_key_cache_seconds),
-            rate_limiter=RateLimiter(settings.rate_limit, settings.redis_url, spec.name),
+            api_keys=ApiKeyVerifier(
+                database, settings.api_key_cache_seconds, settings.api_key_negative_cache_seconds
+            ),
+            rate_limiter=RateLimiter(
+                settings.rate_limit,
+                settings.redis_url,
+                spec.name,
+                redis_timeout=settings.rate_limit_redis_timeout_seconds,
+                redis_backoff=settings.rate_limit_redis_backoff_seconds,
+            ),
             idempotency=Idempotency(spec.name, timedelta(hours=settings.idempotency_ttl_hours)),
         )
         app.state.platform = plat
@@ -208,6 +219,7 @@ def create_service_app(spec: ServiceSpec, settings: ServiceSettings) -> FastAPI:
             purge.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await purge
+            await plat.rate_limiter.close()
             await database.dispose()
 
     app = KeelApp(

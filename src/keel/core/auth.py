@@ -1,9 +1,10 @@
 """API keys: ``Authorization: Bearer <key>`` or ``X-API-Key``, hashed at rest, scoped.
 
 A key looks like ``keel_<prefix>_<secret>``; only its SHA-256 is stored (the secret is 256 random
-bits, so a slow password hash would add latency without adding safety). Verified keys are cached
-in-process for ``api_key_cache_seconds`` so the hot path does not query the database each time;
-a revoked key stops working within that window.
+bits, so a slow password hash would add latency without adding safety). Answers are cached
+in-process (see :class:`ApiKeyVerifier`): known keys for ``api_key_cache_seconds``, so a revoked
+key stops working within that window; unknown keys for ``api_key_negative_cache_seconds``, so a
+key created just after it was refused works within that one.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -55,6 +58,9 @@ class ApiKey:
     key_hash: bytes
 
 
+MAX_KEY_LENGTH = 256  # keel's keys are 57 characters; longer ones are refused unlooked-up
+
+
 def hash_key(raw: str) -> bytes:
     return hashlib.sha256(raw.encode()).digest()
 
@@ -91,27 +97,66 @@ def presented_key(headers: Headers) -> str | None:
     return headers.get("x-api-key") or None
 
 
-class ApiKeyVerifier:
-    """Checks presented keys against the database, with a short in-process cache.
+class _ExpiringCache(OrderedDict[str, tuple[float, "ApiKey | None"]]):
+    """Presented key -> (expiry, answer); at most ``max_entries``, the oldest dropped first.
 
-    The hot path never waits on the database once a key is known: a cached key is refreshed in the
-    background when it nears the end of its lifetime, and concurrent misses for one key share a
-    single lookup. (Before, every in-flight request missed at the same instant when an entry
-    expired, and 64 of them queued at once for the connection pool: a stall every few seconds.)
+    All entries of one cache live equally long and a stored entry moves to the end, so insertion
+    order is expiry order: expired entries are always at the front.
     """
 
-    def __init__(self, database: Database, cache_seconds: float) -> None:
+    def __init__(self, max_entries: int) -> None:
+        super().__init__()
+        self.max_entries = max_entries
+
+    def put(self, raw: str, expires: float, answer: ApiKey | None, now: float) -> None:
+        self[raw] = (expires, answer)
+        self.move_to_end(raw)
+        while self and (len(self) > self.max_entries or next(iter(self.values()))[0] <= now):
+            self.popitem(last=False)
+
+
+class ApiKeyVerifier:
+    """Checks presented keys against the database, with short, bounded in-process caches.
+
+    Both caches are keyed by the presented key itself, so a cached answer costs one dict lookup
+    and no SHA-256. That lookup tells an attacker nothing useful: the string hash is keyed by the
+    process's secret hash seed, so which slot a guess lands in says nothing about stored keys,
+    and the string comparison only runs on a full 64-bit hash match, which a guess cannot aim
+    for. A hit only ever reveals that this exact string was presented recently; a wrong guess
+    still goes to the database through the SHA-256 index and a constant-time compare.
+
+    Known keys stay ``cache_seconds`` and are refreshed in the background as they near the end
+    of that, so the hot path never waits on the database once a key is known (and a revoked key
+    stops working within the window). Unknown keys stay ``negative_cache_seconds`` (a second by
+    default), so a key created just after a request was refused with it works that much later.
+    Each cache holds at most ``max_entries``, oldest out first: random bogus keys cost a lookup
+    each, but cannot grow memory or push the real keys out. Concurrent misses for one key share
+    a single lookup, so an expiring entry does not send every in-flight request to the pool.
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        cache_seconds: float,
+        negative_cache_seconds: float = 1.0,
+        *,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._database = database
         self._cache_seconds = cache_seconds
-        self._cache: dict[bytes, tuple[float, ApiKey | None]] = {}
-        self._fetching: dict[bytes, asyncio.Future[ApiKey | None]] = {}
+        self._negative_seconds = negative_cache_seconds
+        self._clock = clock
+        self._known = _ExpiringCache(max_entries)
+        self._unknown = _ExpiringCache(max_entries)
+        self._fetching: dict[str, asyncio.Future[ApiKey | None]] = {}
 
     async def authenticate(self, headers: Headers, required: Scope) -> ApiKey:
         """Return the caller's key or raise 401 (missing/invalid) or 403 (scope too small)."""
         raw = presented_key(headers)
         if raw is None:
             raise Unauthorized("Send an API key as 'Authorization: Bearer <key>' or 'X-API-Key'.")
-        key = await self._lookup(hash_key(raw))
+        key = await self._lookup(raw) if len(raw) <= MAX_KEY_LENGTH else None
         if key is None:
             raise Unauthorized("The API key is invalid or revoked.")
         if not key.scope.allows(required):
@@ -120,35 +165,45 @@ class ApiKeyVerifier:
             )
         return key
 
-    async def _lookup(self, digest: bytes) -> ApiKey | None:
-        cached = self._cache.get(digest)
-        left = cached[0] - time.monotonic() if cached is not None else 0.0
-        if cached is None or left <= 0:
-            # shield: one waiter giving up must not cancel the lookup the others wait for
-            return await asyncio.shield(self._refresh(digest))
-        if left < self._cache_seconds / 5 and digest not in self._fetching:
-            self._refresh(digest)  # nearly stale: look it up again, answer from the cache now
-        return cached[1]
+    async def _lookup(self, raw: str) -> ApiKey | None:
+        now = self._clock()
+        known = self._known.get(raw)
+        if known is not None:
+            left = known[0] - now
+            if left > 0:
+                if left < self._cache_seconds / 5 and raw not in self._fetching:
+                    self._refresh(raw)  # nearly stale: look it up again, answer from cache now
+                return known[1]
+        else:
+            unknown = self._unknown.get(raw)
+            if unknown is not None and unknown[0] > now:
+                return None
+        # shield: one waiter giving up must not cancel the lookup the others wait for
+        return await asyncio.shield(self._refresh(raw))
 
-    def _refresh(self, digest: bytes) -> asyncio.Future[ApiKey | None]:
-        """The one lookup of ``digest`` in flight, started if there is none."""
-        fetching = self._fetching.get(digest)
+    def _refresh(self, raw: str) -> asyncio.Future[ApiKey | None]:
+        """The one lookup of ``raw`` in flight, started if there is none."""
+        fetching = self._fetching.get(raw)
         if fetching is None:
-            fetching = asyncio.ensure_future(self._fetch_and_cache(digest))
+            fetching = asyncio.ensure_future(self._fetch_and_cache(raw))
             # A background refresh may fail (database away) with nobody awaiting it: the next
             # request that needs the key looks it up again, and sees the error then.
             fetching.add_done_callback(lambda f: f.cancelled() or f.exception())
-            self._fetching[digest] = fetching
+            self._fetching[raw] = fetching
         return fetching
 
-    async def _fetch_and_cache(self, digest: bytes) -> ApiKey | None:
+    async def _fetch_and_cache(self, raw: str) -> ApiKey | None:
         try:
-            key = await self._fetch(digest)
+            key = await self._fetch(hash_key(raw))
         finally:
-            del self._fetching[digest]
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[digest] = (time.monotonic() + self._cache_seconds, key)
+            del self._fetching[raw]
+        now = self._clock()
+        if key is None:
+            self._known.pop(raw, None)
+            self._unknown.put(raw, now + self._negative_seconds, None, now)
+        else:
+            self._unknown.pop(raw, None)
+            self._known.put(raw, now + self._cache_seconds, key, now)
         return key
 
     async def _fetch(self, digest: bytes) -> ApiKey | None:

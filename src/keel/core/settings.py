@@ -38,7 +38,12 @@ class ServiceSettings(BaseSettings):
     fast_path: bool = True  # serve measured hot paths with lean routes (keel.core.fastpath)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     rate_limit: str = "2000/second"
+    # Redis-backed limits fail open (keel.core.ratelimit): the most a check waits on Redis, and
+    # how long the limiter counts in process memory after a failure before asking Redis again.
+    rate_limit_redis_timeout_seconds: float = Field(default=0.05, gt=0, le=5)
+    rate_limit_redis_backoff_seconds: float = Field(default=1.0, gt=0)
     api_key_cache_seconds: float = Field(default=5.0, ge=0)
+    api_key_negative_cache_seconds: float = Field(default=1.0, ge=0)  # unknown keys
     idempotency_ttl_hours: int = Field(default=24, ge=1)
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
     sqlite_busy_timeout_ms: int = Field(default=10_000, ge=0)
