@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from keel.core.database import Database, create_engine
 from keel.core.errors import RateLimited
 from keel.core.ratelimit import Breaker, RateLimiter
+from keel.ledger.registration import MIGRATIONS as LEDGER_MIGRATIONS
 from keel.ledger.settings import LedgerSettings
 from tests import backends
 from tests.core.test_ratelimit import _key_with_fresh_id
@@ -59,7 +60,7 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
-    return backends.migrated_sqlite_url(tmp_path)
+    return backends.migrated_sqlite_url(tmp_path, [LEDGER_MIGRATIONS])
 
 
 @pytest.fixture
