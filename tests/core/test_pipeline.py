@@ -200,3 +200,20 @@ def test_direct_access_lines_read_as_logging_would_write_them(
         record.request_id = "rid"
         direct = formatter.line(created, "keel.access", "rid", "GET /a 200 1.5ms", fields)
         assert direct == formatter.format(record)
+
+
+def test_a_route_the_fast_path_cannot_reproduce_is_refused_at_build() -> None:
+    odd = APIRouter()
+
+    @odd.get("/query")
+    async def with_query(q: str, _key: WriteKey) -> Response:
+        return Response(q)
+
+    @odd.get("/model")
+    async def with_model(_key: WriteKey) -> Echo:
+        return Echo(text="")
+
+    for path in ("/query", "/model", "/missing"):
+        spec = ServiceSpec("odd", "odd", "", [odd], fast_routes=[FastRoute("GET", path)])
+        with pytest.raises(ValueError, match=path):
+            create_service_app(spec, ReferenceSettings(database_url="sqlite://"))

@@ -20,11 +20,12 @@ import email.message
 import inspect
 import json
 import re
+import typing
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, params
 from fastapi.dependencies.utils import request_body_to_args, request_params_to_args
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -101,10 +102,12 @@ def _plan(route: APIRoute, platform_dependency: Callable[..., Any]) -> _Plan:
         dep.security_scopes_param_name,
         dep.http_connection_param_name,
         len(dep.body_params) > 1,
-        route.body_field is not None and _is_form(route),
+        any(isinstance(field.field_info, params.Form) for field in dep.body_params),
     ]
-    if any(unsupported) or not _is_coroutine(route.endpoint):
+    if any(unsupported) or not inspect.iscoroutinefunction(route.endpoint):
         raise ValueError(f"{name}: only path, JSON body and keel dependencies can be fast")
+    if not _returns_response(route.endpoint):
+        raise ValueError(f"{name}: a fast endpoint returns a Response (no response_model pass)")
     platform_args: list[str] = []
     auth_args: list[tuple[str, Any]] = []
     for sub in dep.dependencies:
@@ -125,12 +128,10 @@ def _plan(route: APIRoute, platform_dependency: Callable[..., Any]) -> _Plan:
     )
 
 
-def _is_form(route: APIRoute) -> bool:
-    return type(route.body_field.field_info).__name__ in {"Form", "File"}  # type: ignore[union-attr]
-
-
-def _is_coroutine(call: Callable[..., Any]) -> bool:
-    return inspect.iscoroutinefunction(call)
+def _returns_response(endpoint: Callable[..., Any]) -> bool:
+    """Whether the endpoint is declared to return a Response, which FastAPI passes through as is."""
+    returned = typing.get_type_hints(endpoint).get("return")
+    return isinstance(returned, type) and issubclass(returned, Response)
 
 
 class FastPath:
