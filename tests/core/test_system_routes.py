@@ -129,3 +129,16 @@ async def test_openapi_and_docs_are_served(client: httpx.AsyncClient) -> None:
     for path in ("/users", "/search", "/transactions", "/transfers", "/audit", "/health"):
         assert path in schema["paths"], path
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_docs_load_only_local_assets(client: httpx.AsyncClient) -> None:
+    """/docs and /redoc work without internet: every asset they reference is served here."""
+    for page in ("/docs", "/redoc"):
+        html = (await client.get(page, headers={"Authorization": ""})).text
+        assets = re.findall(r'(?:src|href)\s*=\s*["\']([^"\']+)["\']', html)
+        assert assets, page
+        for asset in assets:
+            assert asset.startswith("/"), (page, asset)
+            served = await client.get(asset, headers={"Authorization": ""})
+            assert served.status_code == 200 and served.content, asset
+        assert "https://" not in html and "http://" not in html, page

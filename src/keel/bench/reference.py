@@ -1,67 +1,89 @@
-"""The bench's reference apps, served under the same uvicorn as the services (factories).
+"""Reference apps for the benchmark tables: what uvicorn alone serves, and what keel adds.
 
-``bare_app``: an ASGI handler that answers 200 ``{}`` to anything: what uvicorn alone costs.
-``noop_app``: a keel service whose one route, an authenticated fast ``POST /noop``, answers 202
-and does nothing else: what keel's request path costs (auth, rate limit, request id, body limit,
-access log, metrics). Every service's bench table carries both rows, measured in the same run.
+``bare_app`` answers every request 200 ``{}`` with nothing in between: the server's ceiling on
+this machine. ``noop_app`` is a keel service with one authenticated fast route that does nothing:
+its rate against the bare one's, measured in the same run, is the core's per-request cost. Both
+are uvicorn factories (``uvicorn --factory keel.bench.reference:noop_app``).
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
+from typing import ClassVar
+
+from alembic import command
+from fastapi import APIRouter
+from sqlalchemy.engine import Connection
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from keel.core.app import Platform, ServiceSpec, WriteKey, create_service_app
+from keel.core.app import ServiceSpec, WriteKey, create_service_app
 from keel.core.auth import Scope as KeyScope
-from keel.core.fastpath import FastRequest, FastRoute
+from keel.core.auth import create_api_key
+from keel.core.chains import CORE_CHAIN
+from keel.core.database import Database, create_engine
+from keel.core.fastpath import FastRoute
+from keel.core.migrate import alembic_config
 from keel.core.settings import ServiceSettings
 
-_EMPTY = b"{}"
-_HEADERS = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+
+class ReferenceSettings(ServiceSettings):
+    """``KEEL_REFERENCE_*`` or the shared ``KEEL_*`` variables."""
+
+    model_config = ServiceSettings.model_config | {"env_prefix": "KEEL_REFERENCE_"}
+    service_name: ClassVar[str] = "reference"
 
 
 async def _bare(scope: Scope, receive: Receive, send: Send) -> None:
-    if scope["type"] != "http":  # lifespan: nothing to start
-        message = await receive()
-        while message["type"] != "lifespan.shutdown":
-            await send({"type": message["type"] + ".complete"})
-            message = await receive()
-        await send({"type": "lifespan.shutdown.complete"})
+    if scope["type"] != "http":
         return
-    more = True
-    while more:  # read the body so the connection can be reused
-        more = (await receive()).get("more_body", False)
-    await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
-    await send({"type": "http.response.body", "body": _EMPTY})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"2")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"{}"})
 
 
 def bare_app() -> ASGIApp:
-    """The bare ASGI handler (a uvicorn factory)."""
+    """A bare ASGI handler: 200 ``{}`` for every request."""
     return _bare
 
 
-router = APIRouter(tags=["reference"])
+_ACCEPTED = b'{"status":"accepted"}'
+router = APIRouter()
 
 
-@router.post("/noop", status_code=202, summary="Authenticate, count the rate limit, do nothing")
-async def noop(key: WriteKey) -> Response:
-    return Response(status_code=202)
-
-
-async def _fast_noop(plat: Platform, request: FastRequest[None]) -> Response:
-    return Response(status_code=202)
+@router.post("/noop", status_code=202, summary="Authenticate (write scope), then do nothing")
+async def noop(_key: WriteKey) -> Response:
+    return Response(_ACCEPTED, status_code=202, media_type="application/json")
 
 
 SPEC = ServiceSpec(
-    name="noop",
-    title="no-op reference",
-    description="One authenticated route that does nothing: the cost of keel's request path.",
+    name="reference",
+    title="reference",
+    description="One authenticated no-op route: the core's per-request cost.",
     routers=[router],
-    fast_routes=[FastRoute("POST", "/noop", KeyScope.WRITE, _fast_noop)],
+    fast_routes=[FastRoute("POST", "/noop")],
 )
 
 
-def noop_app() -> FastAPI:
-    """The no-op keel service (a uvicorn factory); settings from ``KEEL_*``."""
-    return create_service_app(SPEC, ServiceSettings())
+def noop_app(settings: ReferenceSettings | None = None) -> ASGIApp:
+    """A keel service app whose only route, ``POST /noop`` (write scope), answers 202."""
+    return create_service_app(SPEC, settings or ReferenceSettings())
+
+
+async def prepare_reference_database(database_url: str) -> str:
+    """Create the core tables at ``database_url`` and return a new write key for ``noop_app``."""
+    database = Database(create_engine(database_url))
+
+    def upgrade(connection: Connection) -> None:
+        command.upgrade(alembic_config(CORE_CHAIN, connection), "head")
+
+    try:
+        async with database.write() as conn:
+            await conn.run_sync(upgrade)
+            return await create_api_key(conn, scope=KeyScope.WRITE, name="reference")
+    finally:
+        await database.dispose()

@@ -19,6 +19,8 @@ from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as AsgiScope
@@ -27,12 +29,13 @@ from keel import __version__
 from keel.core.auth import ApiKey, ApiKeyVerifier, Scope
 from keel.core.chains import MigrationChain
 from keel.core.database import Database
+from keel.core.docs import install_docs
 from keel.core.errors import install_error_handlers
-from keel.core.fastpath import FastPath, FastRoute
+from keel.core.fastpath import FastPath, FastRoute, compile_fast_routes
 from keel.core.idempotency import Idempotency
-from keel.core.limits import BodyLimit
 from keel.core.migrate import pending_migrations
-from keel.core.observability import RequestObservation, configure_logging, metrics_response
+from keel.core.observability import AccessLog, configure_logging, metrics_response
+from keel.core.pipeline import RequestPipeline
 from keel.core.ratelimit import RateLimiter
 from keel.core.settings import ServiceSettings
 
@@ -53,6 +56,15 @@ class Platform:
     idempotency: Idempotency
     services: dict[str, Any] = field(default_factory=dict)
 
+    async def authorize(self, headers: Headers, scope: Scope) -> ApiKey:
+        """The caller's key, checked for ``scope`` and counted against its rate limit.
+
+        The one auth path: FastAPI's ``require`` dependency and the fast path both call it.
+        """
+        key = await self.api_keys.authenticate(headers, scope)
+        await self.rate_limiter.check(str(key.id))
+        return key
+
 
 @dataclass(frozen=True)
 class ServiceSpec:
@@ -63,7 +75,11 @@ class ServiceSpec:
     description: str
     routers: list[APIRouter]
     migrations: MigrationChain | None = None  # the service's own chain; /ready checks it
-    fast_routes: list[FastRoute] = field(default_factory=list)  # measured hot paths
+    # Routes of ``routers`` served on the fast path (keel.core.fastpath), same answers.
+    fast_routes: list[FastRoute] = field(default_factory=list)
+    # ASGI middleware around every route, fast or not (inside keel's request id, body limit,
+    # access log and metrics, which therefore cover it too).
+    middleware: list[Middleware] = field(default_factory=list)
     workers: Workers | None = None  # background work started and stopped with the app
     health: HealthProbe | None = None  # extra fields for GET /health
 
@@ -82,12 +98,10 @@ def require(scope: Scope) -> Callable[..., Awaitable[ApiKey]]:
 
     async def authenticated(request: Request) -> ApiKey:
         plat: Platform = request.app.state.platform
-        key = await plat.api_keys.authenticate(request.headers, scope)
-        await plat.rate_limiter.check(str(key.id))
-        request.state.api_key = key
-        return key
+        return await plat.authorize(request.headers, scope)
 
     authenticated.__name__ = f"require_{scope.value}"
+    authenticated.keel_scope = scope  # type: ignore[attr-defined]  # how the fast path finds it
     return authenticated
 
 
@@ -227,42 +241,78 @@ def create_service_app(spec: ServiceSpec, settings: ServiceSettings) -> FastAPI:
         description=spec.description,
         version=__version__,
         lifespan=lifespan,
+        docs_url=None,  # install_docs serves them from local assets
+        redoc_url=None,
         # keel exports Prometheus metrics itself; FastAPI's OpenTelemetry hooks cost ~4%/request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
+    install_docs(app)
     app.include_router(_system_router(spec))
     for router in spec.routers:
         app.include_router(router)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestObservation, service=spec.name, log_requests=settings.access_log)
-    if settings.fast_path and spec.fast_routes:
-        fast = FastPath(partial(FastAPI.__call__, app), spec.fast_routes)
-        app.fast_path = fast
-        app.fast_stack = RequestObservation(
-            BodyLimit(fast, max_bytes=settings.max_body_bytes),
-            service=spec.name,
-            log_requests=settings.access_log,
-        )
+    app.spec = spec
+    app.fast_path = _fast_path(spec, settings)
+    app.pipeline = _pipeline(app, spec, settings, app.fast_path)
     return app
 
 
-class KeelApp(FastAPI):
-    """FastAPI, with the service's measured hot routes served in front of it.
+def _fast_path(spec: ServiceSpec, settings: ServiceSettings) -> FastPath | None:
+    if not (settings.fast_path and spec.fast_routes):
+        return None
+    return FastPath(compile_fast_routes(spec.routers, spec.fast_routes, platform))
 
-    A request for a fast route skips FastAPI's own middleware (error, telemetry and body-limit
-    wrappers around every send, which cost a posting more than its share of the group commit)
-    and goes through keel's observation and body limit straight to :class:`FastPath`.
+
+def _pipeline(
+    app: FastAPI, spec: ServiceSpec, settings: ServiceSettings, fast: FastPath | None
+) -> ASGIApp:
+    """keel's request wrapper, then the service's middleware, then the fast path or FastAPI."""
+    access = AccessLog(
+        spec.name, enabled=settings.access_log, slow_seconds=settings.access_log_slow_ms / 1000
+    )
+    access.log_every = {(r.method, r.path): r.log_every for r in spec.fast_routes}
+    inner: ASGIApp = partial(FastAPI.__call__, app)
+    if spec.middleware:
+        if fast is not None:
+            inner = _FastDispatch(fast, inner)
+        for cls, args, kwargs in reversed(spec.middleware):
+            inner = cls(inner, *args, **kwargs)
+        fast = None  # reached through the service's middleware instead
+    return RequestPipeline(inner, access=access, max_body_bytes=settings.max_body_bytes, fast=fast)
+
+
+class _FastDispatch:
+    """The fast path behind a service's own middleware: fast routes here, the rest to FastAPI."""
+
+    def __init__(self, fast: FastPath, app: ASGIApp) -> None:
+        self.fast = fast
+        self.app = app
+
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
+        matched = self.fast.match(scope) if scope["type"] == "http" else None
+        if matched is None:
+            await self.app(scope, receive, send)
+            return
+        (_route, plan), params = matched
+        response = await self.fast.serve(plan, params, scope, receive)
+        await response(scope, receive, send)
+
+
+class KeelApp(FastAPI):
+    """FastAPI behind keel's one request wrapper (:class:`keel.core.pipeline.RequestPipeline`).
+
+    Every request passes the wrapper once (request id, body limit, access log, metrics), then a
+    service's own middleware, then either the fast path (:mod:`keel.core.fastpath`) or FastAPI.
     Everything else, including the documentation of the fast routes, is plain FastAPI.
     """
 
-    fast_path: FastPath | None = None
-    fast_stack: ASGIApp | None = None
+    pipeline: ASGIApp | None = None
+    spec: ServiceSpec | None = None
+    fast_path: FastPath | None = None  # None when KEEL_FAST_PATH=false
 
     async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
-        fast, stack = self.fast_path, self.fast_stack
-        if fast is not None and stack is not None and fast.match(scope) is not None:
-            scope["app"] = self
-            await stack(scope, receive, send)
+        scope["app"] = self
+        if self.pipeline is None:
+            await super().__call__(scope, receive, send)
             return
-        await super().__call__(scope, receive, send)
+        await self.pipeline(scope, receive, send)

@@ -1,158 +1,244 @@
-"""Lean ASGI routes for measured hot paths, in front of FastAPI.
+"""Hot routes served without FastAPI's per-request machinery, from FastAPI's own declaration.
 
-FastAPI's routing, dependency solving and pydantic validation cost about four times what a
-posting itself costs (see the README's benchmark section). A :class:`FastRoute` serves one
-``(method, path)`` with the same rules and the same answers — API-key auth and scopes, the rate
-limit, problem+json errors with the same ``code``s — decoding the body with msgspec. The FastAPI
-route of the same path stays declared, so ``/docs`` and ``/openapi.json`` still describe it, and it
-serves the path whenever the fast path is switched off.
+A service declares a route once, as a plain FastAPI route, and names it in
+``ServiceSpec.fast_routes``. At start-up :func:`compile_fast_routes` reads what FastAPI made of
+that route (its path and body parameters, its ``require(scope)`` and ``platform`` dependencies)
+and :class:`FastPath` then serves the route by calling the same endpoint function with the same
+validation: FastAPI's own body and parameter validators, the same JSON and content-type rules, the
+same auth and rate-limit call, the same error rendering. What it skips is FastAPI's routing table,
+its dependency solver and its middleware stack, which cost several times what a no-op route does.
+So one schema, one handler and one auth path serve both ways, and ``KEEL_FAST_PATH=false``
+changes which code path runs, never the answer.
+
+A route the fast path cannot reproduce exactly (query, header or cookie parameters, form bodies,
+other dependencies) is refused when the app is built, naming the route.
 """
 
 from __future__ import annotations
 
-import logging
+import email.message
+import inspect
+import json
 import re
-from collections.abc import Awaitable, Callable
+import typing
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-import msgspec
+from fastapi import APIRouter, params
+from fastapi.dependencies.utils import request_body_to_args, request_params_to_args
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic_core import PydanticUndefined as Undefined
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope
 
-from keel.core.auth import ApiKey
-from keel.core.auth import Scope as KeyScope
-from keel.core.errors import invalid_request, problem_response, render_exception
-from keel.core.limits import BodyTooLarge
-
-log = logging.getLogger("keel.fastpath")
-
-BodyT = TypeVar("BodyT")
-
-
-@dataclass(frozen=True, slots=True)
-class FastRequest(Generic[BodyT]):
-    """What a fast handler gets: the decoded body, the caller's key, the headers, path params."""
-
-    body: BodyT
-    key: ApiKey
-    headers: Headers
-    path_params: dict[str, str]
-
-
-FastHandler = Callable[[Any, FastRequest[Any]], Awaitable[Response]]
+from keel.core.errors import render_exception
 
 
 @dataclass(frozen=True)
 class FastRoute:
-    """One hot ``(method, path)``: ``{name}`` in the path matches one segment."""
+    """A FastAPI route of the service to serve on the fast path.
+
+    ``log_every`` samples the access log of this route: 1 (the default) logs every request; N logs
+    one in N successful requests, while every error (status >= 400) and every slow request is
+    still logged (see :class:`keel.core.observability.AccessLog`).
+    """
 
     method: str
     path: str
-    scope: KeyScope
-    handler: FastHandler
-    body_type: type[Any] | None = None
-
-    def pattern(self) -> re.Pattern[str]:
-        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.path) + "$")
+    log_every: int = 1
 
 
-_LOC = re.compile(r" - at `\$(?P<path>[^`]*)`$")
-_FIELD = re.compile(r"field `(?P<name>[^`]+)`")
+Authorizer = Callable[[Headers, Any], Awaitable[Any]]
 
 
-def validation_problem(exc: msgspec.ValidationError) -> Response:
-    """msgspec's message, in the shape FastAPI's validation errors have."""
-    message = str(exc)
-    loc: list[str] = ["body"]
-    at = _LOC.search(message)
-    if at:
-        message = message[: at.start()]
-        loc += [part for part in re.split(r"[.\[\]]", at.group("path")) if part]
-    field = _FIELD.search(message)
-    if field:
-        loc.append(field.group("name"))
-    return invalid_request([{"loc": loc, "msg": message}])
+@dataclass(frozen=True)
+class _Plan:
+    """How to call one endpoint: which argument gets what."""
+
+    route: APIRoute
+    endpoint: Callable[..., Awaitable[Response]]
+    platform_args: tuple[str, ...]
+    auth_args: tuple[tuple[str, Any], ...]  # (argument, required scope)
+    request_arg: str | None
+    path_fields: list[Any]
+    body_field: Any | None
 
 
-def _invalid_json(detail: str) -> Response:
-    return problem_response(
-        400,
-        "invalid_json",
-        "Malformed JSON",
-        "The request body is not valid JSON.",
-        errors=[{"loc": ["body"], "msg": detail}],
+def compile_fast_routes(
+    routers: Sequence[APIRouter],
+    wanted: Sequence[FastRoute],
+    platform_dependency: Callable[..., Any],
+) -> list[tuple[FastRoute, _Plan]]:
+    """Find each wanted route among ``routers`` and plan how to call its endpoint directly."""
+    by_key: dict[tuple[str, str], APIRoute] = {}
+    for router in routers:
+        for candidate in router.routes:
+            if isinstance(candidate, APIRoute):
+                for method in candidate.methods or ():
+                    by_key.setdefault((method, candidate.path), candidate)
+    plans = []
+    for fast in wanted:
+        route = by_key.get((fast.method, fast.path))
+        if route is None:
+            raise ValueError(f"fast route {fast.method} {fast.path} has no FastAPI route")
+        plans.append((fast, _plan(route, platform_dependency)))
+    return plans
+
+
+def _plan(route: APIRoute, platform_dependency: Callable[..., Any]) -> _Plan:
+    dep = route.dependant
+    name = f"{sorted(route.methods or ())} {route.path}"
+    unsupported = [
+        dep.query_params,
+        dep.header_params,
+        dep.cookie_params,
+        dep.background_tasks_param_name,
+        dep.response_param_name,
+        dep.security_scopes_param_name,
+        dep.http_connection_param_name,
+        len(dep.body_params) > 1,
+        any(isinstance(field.field_info, params.Form) for field in dep.body_params),
+    ]
+    if any(unsupported) or not inspect.iscoroutinefunction(route.endpoint):
+        raise ValueError(f"{name}: only path, JSON body and keel dependencies can be fast")
+    if not _returns_response(route.endpoint):
+        raise ValueError(f"{name}: a fast endpoint returns a Response (no response_model pass)")
+    platform_args: list[str] = []
+    auth_args: list[tuple[str, Any]] = []
+    for sub in dep.dependencies:
+        if sub.call is platform_dependency and sub.name:
+            platform_args.append(sub.name)
+        elif getattr(sub.call, "keel_scope", None) is not None and sub.name:
+            auth_args.append((sub.name, sub.call.keel_scope))  # type: ignore[union-attr]
+        else:
+            raise ValueError(f"{name}: dependency {sub.call!r} cannot be served on the fast path")
+    return _Plan(
+        route=route,
+        endpoint=route.endpoint,
+        platform_args=tuple(platform_args),
+        auth_args=tuple(auth_args),
+        request_arg=dep.request_param_name,
+        path_fields=list(dep.path_params),
+        body_field=dep.body_params[0] if dep.body_params else None,
     )
 
 
+def _returns_response(endpoint: Callable[..., Any]) -> bool:
+    """Whether the endpoint is declared to return a Response, which FastAPI passes through as is."""
+    returned = typing.get_type_hints(endpoint).get("return")
+    return isinstance(returned, type) and issubclass(returned, Response)
+
+
 class FastPath:
-    """Serves the registered fast routes; passes everything else on to ``app``."""
+    """Matches a request to a fast route and serves it by calling the route's endpoint."""
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        routes: list[FastRoute],
-        enabled: bool = True,
-        platform_of: Callable[[Scope], Any] = lambda scope: scope["app"].state.platform,
-    ) -> None:
-        self.app = app
-        self.enabled = enabled
-        self.platform_of = platform_of
-        self._exact: dict[tuple[str, str], FastRoute] = {}
-        self._patterned: list[tuple[str, re.Pattern[str], FastRoute]] = []
-        for route in routes:
-            if "{" in route.path:
-                self._patterned.append((route.method, route.pattern(), route))
+    def __init__(self, plans: list[tuple[FastRoute, _Plan]]) -> None:
+        self.plans = plans
+        self._exact: dict[tuple[str, str], tuple[FastRoute, _Plan]] = {}
+        self._patterned: list[tuple[str, re.Pattern[str], tuple[FastRoute, _Plan]]] = []
+        for fast, plan in plans:
+            if "{" in fast.path:
+                pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", fast.path) + "$")
+                self._patterned.append((fast.method, pattern, (fast, plan)))
             else:
-                self._exact[(route.method, route.path)] = route
+                self._exact[(fast.method, fast.path)] = (fast, plan)
 
-    def match(self, scope: Scope) -> tuple[FastRoute, dict[str, str]] | None:
-        """The fast route serving this request, with its path parameters, if any."""
-        if not self.enabled or scope["type"] != "http":
-            return None
+    def match(self, scope: Scope) -> tuple[tuple[FastRoute, _Plan], dict[str, str]] | None:
+        """The route serving this request, with its path parameters, if it is a fast one."""
         method, path = scope["method"], scope["path"]
-        route = self._exact.get((method, path))
-        if route is not None:
-            return route, {}
+        found = self._exact.get((method, path))
+        if found is not None:
+            return found, {}
         for route_method, pattern, candidate in self._patterned:
-            found = pattern.match(path) if route_method == method else None
-            if found:
-                return candidate, found.groupdict()
+            matched = pattern.match(path) if route_method == method else None
+            if matched:
+                return candidate, matched.groupdict()
         return None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        matched = self.match(scope)
-        if matched is None:
-            await self.app(scope, receive, send)
-            return
-        route, params = matched
-        scope["route"] = route  # what RequestObservation labels metrics and logs with
-        response = await self._serve(route, params, scope, receive)
-        await response(scope, receive, send)
-
-    async def _serve(
-        self, route: FastRoute, params: dict[str, str], scope: Scope, receive: Receive
+    async def serve(
+        self, plan: _Plan, params: dict[str, str], scope: Scope, receive: Receive
     ) -> Response:
-        headers = Headers(scope=scope)
-        platform = self.platform_of(scope)
+        """The endpoint's response, or the problem response FastAPI would have rendered."""
+        scope["route"] = plan.route  # what the access log and metrics label the request with
+        scope["path_params"] = params
         try:
-            key = await platform.api_keys.authenticate(headers, route.scope)
-            await platform.rate_limiter.check(str(key.id))
-            body: Any = None
-            if route.body_type is not None:
-                raw = await _read_body(receive)
-                try:
-                    body = msgspec.json.decode(raw, type=route.body_type)
-                except msgspec.ValidationError as exc:
-                    return validation_problem(exc)
-                except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-                    return _invalid_json(str(exc))
-            return await route.handler(platform, FastRequest(body, key, headers, params))
-        except BodyTooLarge:
-            raise  # BodyLimit answers it
+            return await _call(plan, params, scope, receive)
         except Exception as exc:
             return render_exception(exc)
+
+
+async def _call(plan: _Plan, params: dict[str, str], scope: Scope, receive: Receive) -> Response:
+    # The order is FastAPI's: read and parse the body, solve dependencies (auth, rate limit),
+    # then validate path parameters and the body, reporting every validation error at once.
+    headers = Headers(scope=scope)
+    body: Any = Undefined
+    if plan.body_field is not None:
+        body = await _json_body(headers, receive)
+    plat = scope["app"].state.platform
+    values: dict[str, Any] = {}
+    for arg in plan.platform_args:
+        values[arg] = plat
+    for arg, required in plan.auth_args:
+        values[arg] = await plat.authorize(headers, required)
+    errors: list[Any] = []
+    if plan.path_fields:
+        path_values, errors = request_params_to_args(plan.path_fields, params)
+        values.update(path_values)
+    if plan.body_field is not None:
+        body_values, body_errors = await request_body_to_args([plan.body_field], body, False)
+        values.update(body_values)
+        errors += body_errors
+    if errors:
+        raise RequestValidationError(errors, body=body)
+    if plan.request_arg is not None:
+        values[plan.request_arg] = Request(scope, receive)
+    return await plan.endpoint(**values)
+
+
+async def _json_body(headers: Headers, receive: Receive) -> Any:
+    """The body as FastAPI hands it to validation: JSON-decoded only with a JSON content type."""
+    raw = await _read_body(receive)
+    if not raw:
+        return Undefined
+    content_type = headers.get("content-type")
+    if not content_type or not _is_json(content_type):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        error = {
+            "type": "json_invalid",
+            "loc": ("body", exc.pos),
+            "msg": "JSON decode error",
+            "input": {},
+            "ctx": {"error": exc.msg},
+        }
+        raise RequestValidationError([error], body=exc.doc) from exc
+    except Exception as exc:
+        raise HTTPException(400, "There was an error parsing the body") from exc
+
+
+_JSON_TYPES: dict[str, bool] = {}
+
+
+def _is_json(content_type: str) -> bool:
+    """FastAPI's rule (``application/json`` or ``application/*+json``), remembered per value."""
+    known = _JSON_TYPES.get(content_type)
+    if known is None:
+        message = email.message.Message()
+        message["content-type"] = content_type
+        subtype = message.get_content_subtype()
+        known = message.get_content_maintype() == "application" and (
+            subtype == "json" or subtype.endswith("+json")
+        )
+        if len(_JSON_TYPES) < 256:  # clients send a handful of spellings; never grow unbounded
+            _JSON_TYPES[content_type] = known
+    return known
 
 
 async def _read_body(receive: Receive) -> bytes:

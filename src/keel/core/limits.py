@@ -1,64 +1,45 @@
-"""Request body limit (413 before the body is read past the limit)."""
+"""Request body limit: 413 before a body is read past ``max_bytes``."""
 
 from __future__ import annotations
 
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive
 
-from keel.core.errors import PayloadTooLarge, render
+from keel.core.errors import PayloadTooLarge
 
 
 class BodyTooLarge(HTTPException):
     """Raised inside ``receive`` when a streamed body passes the limit.
 
     An HTTPException, so the framework's own body reading lets it through to the problem
-    renderer instead of turning it into a generic 400.
+    renderer (413 ``payload_too_large``) instead of turning it into a generic 400.
     """
 
 
-class BodyLimit:
-    """Pure ASGI middleware: refuse bodies over ``max_bytes`` with a 413 problem response."""
+def too_large(max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body must be at most {max_bytes} bytes.")
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if not value.isdigit() or int(value) > self.max_bytes:
-                    await self._refuse(scope, receive, send)
-                    return
-                break
-        received = 0
-        started = False
+def declared_length_refused(value: bytes, max_bytes: int) -> bool:
+    """Whether a ``Content-Length`` header value is malformed or over the limit."""
+    return not value.isdigit() or int(value) > max_bytes
 
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(
-                        413, f"The request body must be at most {self.max_bytes} bytes."
-                    )
-            return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+def limited(receive: Receive, max_bytes: int) -> Receive:
+    """``receive`` that raises :class:`BodyTooLarge` once the body passes ``max_bytes``.
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await self._refuse(scope, receive, send)
+    Only needed without a ``Content-Length`` (a chunked body): with one, the server delivers
+    exactly that many bytes, and the header was checked already.
+    """
+    received = 0
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = PayloadTooLarge(f"The request body must be at most {self.max_bytes} bytes.")
-        await render(error)(scope, receive, send)
+    async def limited_receive() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > max_bytes:
+                raise BodyTooLarge(413, too_large(max_bytes).detail)
+        return message
+
+    return limited_receive

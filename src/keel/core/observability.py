@@ -29,7 +29,7 @@ from prometheus_client import (
     multiprocess,
 )
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 access_log = logging.getLogger("keel.access")
@@ -62,6 +62,16 @@ class JsonFormatter(logging.Formatter):
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
 
+    def line(
+        self, created: float, logger: str, rid: str, message: str, fields: dict[str, Any]
+    ) -> str:
+        """What :meth:`format` makes of an INFO record with these ``extra`` fields."""
+        line: dict[str, Any] = {"ts": round(created, 6), "level": "info", "logger": logger}
+        line["msg"] = message
+        line.update(fields)
+        line["request_id"] = rid
+        return json.dumps(line, default=str)
+
 
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
@@ -82,6 +92,17 @@ class TextFormatter(logging.Formatter):
         if second != self._second:
             self._second, self._stamp = second, super().formatTime(record, "%Y-%m-%d %H:%M:%S")
         return f"{self._stamp},{int(record.msecs):03d}"
+
+    def line(
+        self, created: float, logger: str, rid: str, message: str, _fields: dict[str, Any]
+    ) -> str:
+        """What :meth:`format` makes of an INFO record logged at ``created``."""
+        second = int(created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(created))
+        msecs = int((created - second) * 1000)
+        return f"{self._stamp},{msecs:03d} INFO {logger} [{rid}] {message}"
 
 
 PIPE_BUF = 4096  # POSIX: a write to a pipe up to this size is never interleaved with another's
@@ -105,16 +126,20 @@ class LoopBatchedHandler(logging.StreamHandler[IO[str]]):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record) + self.terminator
+            line = self.format(record)
         except Exception:  # logging's contract: report, never raise
             self.handleError(record)
             return
-        self._lines.append(line)
+        self.add_line(line, record.levelno)
+
+    def add_line(self, line: str, levelno: int = logging.INFO) -> None:
+        """Queue one formatted line (the access log's way in, past the LogRecord)."""
+        self._lines.append(line + self.terminator)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not on an event loop's thread
             loop = None
-        if loop is None or record.levelno >= logging.WARNING:
+        if loop is None or levelno >= logging.WARNING:
             self.flush()
         elif not self._scheduled:
             self._scheduled = True
@@ -148,23 +173,43 @@ def _chunks(lines: list[str]) -> Iterator[str]:
         yield "".join(piece)
 
 
+_sink: LoopBatchedHandler | None = None
+
+
+def _direct_sink() -> LoopBatchedHandler | None:
+    """keel's handler, if it alone receives ``keel.access`` lines, formatted the keel way."""
+    root = logging.root.handlers
+    if (
+        _sink is not None
+        and len(root) == 1
+        and root[0] is _sink
+        and not access_log.handlers
+        and not access_log.filters
+        and access_log.propagate
+        and type(_sink.formatter) in (TextFormatter, JsonFormatter)
+    ):
+        return _sink
+    return None
+
+
 def configure_logging(fmt: str, level: str) -> None:
+    global _sink
     handler = LoopBatchedHandler(sys.stdout)
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    _sink = handler
     root.setLevel(level.upper())
     logging.getLogger("alembic").setLevel(logging.WARNING)  # /ready inspects migrations often
 
 
-def _request_id(scope: Scope) -> str:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            candidate = value.decode("latin-1")
-            if 0 < len(candidate) <= 128 and candidate.isprintable():
-                return str(candidate)
-    return _new_request_id()
+def request_id_from(value: bytes) -> str:
+    """The client's ``X-Request-ID`` when it is a sane one, else a new id."""
+    candidate = value.decode("latin-1")
+    if 0 < len(candidate) <= 128 and candidate.isprintable():
+        return candidate
+    return new_request_id()
 
 
 def _request_ids() -> Iterator[str]:
@@ -175,47 +220,49 @@ def _request_ids() -> Iterator[str]:
         yield f"{prefix}{n:016x}"
 
 
-_new_request_id = _request_ids().__next__
+new_request_id = _request_ids().__next__
+
+# C0 and C1 control characters, DEL: a decoded path may carry them (%0A, %1B) and a log line must
+# stay one line that cannot move a terminal's cursor.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 
 
-class RequestObservation:
-    """Pure ASGI middleware: request id header, one access-log line, request metrics."""
+def printable(text: str) -> str:
+    """``text`` with control characters escaped as ``\\xNN``."""
+    return text if text.isprintable() else text.translate(_CONTROL)
 
-    def __init__(self, app: ASGIApp, service: str, log_requests: bool = True) -> None:
-        self.app = app
+
+class AccessLog:
+    """One access line and the request metrics for every request, at a cost that fits.
+
+    With keel's own logging set up (:func:`configure_logging`), the line is formatted here
+    directly, the same text the logging machinery would produce, without building a LogRecord.
+    Otherwise (a test's or an embedding application's handlers) it goes through ``logging``.
+
+    Sampling (``log_every`` of a route, default 1 = every request): a route sampled 1 in N logs
+    one in N of its successful requests (status < 400) faster than ``slow_seconds``; every error
+    and every slow request is always logged. Metrics always count every request.
+    """
+
+    def __init__(self, service: str, enabled: bool = True, slow_seconds: float = 0.5) -> None:
         self.service = service
-        self.log_requests = log_requests
+        self.enabled = enabled
+        self.slow_seconds = slow_seconds
+        self.log_every: dict[tuple[str, str], int] = {}  # (method, route template) -> N
+        self._seen: dict[tuple[str, str], int] = {}
         # Metric children by label values: prometheus_client's labels() takes a lock each call.
         self._counters: dict[tuple[str, str, int], Any] = {}
         self._histograms: dict[tuple[str, str], Any] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        rid = _request_id(scope)
-        token = request_id_var.set(rid)
-        started = time.perf_counter()
-        status = 500
-        rid_header = (b"x-request-id", rid.encode("latin-1"))
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), rid_header]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            self._observe(scope, status, time.perf_counter() - started)
-            request_id_var.reset(token)
-
-    def _observe(self, scope: Scope, status: int, elapsed: float) -> None:
+    def record(self, scope: Scope, status: int, elapsed: float, rid: str) -> None:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         method = scope["method"]
+        self._count(method, template, status, elapsed)
+        if self.enabled and self._sampled(method, template, status, elapsed):
+            self._write(method, printable(scope["path"]), status, elapsed, rid)
+
+    def _count(self, method: str, template: str, status: int, elapsed: float) -> None:
         counter = self._counters.get((method, template, status))
         if counter is None:
             counter = REQUESTS.labels(self.service, method, template, str(status))
@@ -226,21 +273,33 @@ class RequestObservation:
             self._histograms[(method, template)] = histogram
         counter.inc()
         histogram.observe(elapsed)
-        if self.log_requests:
-            access_log.info(
-                "%s %s %d %.1fms",
-                method,
-                scope["path"],
-                status,
-                elapsed * 1000,
-                extra={
-                    "method": method,
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 2),
-                    "service": self.service,
-                },
-            )
+
+    def _sampled(self, method: str, template: str, status: int, elapsed: float) -> bool:
+        every = self.log_every.get((method, template), 1) if self.log_every else 1
+        if every <= 1 or status >= 400 or elapsed >= self.slow_seconds:
+            return True
+        seen = self._seen.get((method, template), 0)
+        self._seen[(method, template)] = seen + 1
+        return seen % every == 0
+
+    def _write(self, method: str, path: str, status: int, elapsed: float, rid: str) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        message = f"{method} {path} {status} {elapsed * 1000:.1f}ms"
+        fields = {
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 2),
+            "service": self.service,
+        }
+        sink = _direct_sink()
+        if sink is None:
+            access_log.info(message, extra=fields)
+            return
+        formatter = sink.formatter
+        assert isinstance(formatter, TextFormatter | JsonFormatter)  # _direct_sink checked it
+        sink.add_line(formatter.line(time.time(), "keel.access", rid, message, fields))
 
 
 def metrics_response() -> Response:

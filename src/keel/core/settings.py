@@ -35,6 +35,8 @@ class ServiceSettings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
     access_log: bool = True
+    # A request this slow is always logged, even on a route that samples its access lines.
+    access_log_slow_ms: float = Field(default=500.0, ge=0)
     fast_path: bool = True  # serve measured hot paths with lean routes (keel.core.fastpath)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     rate_limit: str = "2000/second"
