@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
 import sqlite3
 import time
@@ -64,6 +65,8 @@ def create_engine(url: str, settings: ServiceSettings | None = None) -> AsyncEng
     pool_size = settings.db_pool_size if settings else 10
     if url.startswith("sqlite"):
         _prepare_sqlite_file(url)
+        # aiosqlite logs every statement with its parameters at DEBUG: keep values out of logs.
+        logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.root.level))
         engine = create_async_engine(
             url, pool_size=pool_size, max_overflow=pool_size, hide_parameters=True
         )

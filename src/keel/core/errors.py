@@ -34,7 +34,14 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    NotSupportedError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
@@ -256,9 +263,16 @@ def _database_problem(exc: Exception) -> Response:
 
 
 def _is_refusal(exc: Exception, state: str | None) -> bool:
+    """True when the database refused the statement itself, rather than failing to run it."""
     if state is not None:
         return state[:2] not in _CONNECTION_FAILURE_CLASSES
-    return isinstance(exc, SQLAlchemyError) and not isinstance(exc, DBAPIError)
+    if isinstance(exc, DBAPIError):
+        return isinstance(exc, _REFUSED)
+    return isinstance(exc, (SQLAlchemyError, *_SQLITE_REFUSED))
+
+
+_REFUSED = (IntegrityError, ProgrammingError, DataError, NotSupportedError)
+_SQLITE_REFUSED = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.DataError)
 
 
 def render_exception(exc: Exception) -> Response:
