@@ -315,8 +315,8 @@ class Writer:
                     result = await conn.run_sync(work)
                     commit.send(conn.sync_connection)
         except BaseException:
-            if conn.invalidated or conn.closed:
-                await self.close()
+            if conn.invalidated or conn.closed or _driver_closed(conn.sync_connection):
+                await self.close()  # raw driver errors leave SQLAlchemy unaware: check the socket
             raise
         self._last_used = time.monotonic()
         return result
@@ -350,14 +350,20 @@ class _Commit:
         A connection lost before COMMIT went out means the server rolled the transaction back, so
         the client may safely retry; only past this point is a failure an unknown outcome.
         """
-        driver = None if conn is None else conn.connection.driver_connection
-        is_closed = getattr(driver, "is_closed", None)
-        if is_closed is not None and is_closed():
+        if _driver_closed(conn):
             raise DatabaseUnavailable(
                 "The database connection was lost before commit; nothing was written; retry.",
                 headers={"Retry-After": "1"},
             )
         self.sent = True
+
+
+def _driver_closed(conn: Connection | None) -> bool:
+    """True when the driver knows its socket is gone (asyncpg; SQLite has none to lose)."""
+    if conn is None or conn.closed or conn.invalidated:
+        return False
+    is_closed = getattr(conn.connection.driver_connection, "is_closed", None)
+    return bool(is_closed is not None and is_closed())
 
 
 @contextmanager
