@@ -82,7 +82,7 @@ def _retry_later(detail: str) -> ServiceUnavailable:
 class _Pending(Generic[ItemT]):
     item: ItemT
     future: asyncio.Future[Any]
-    taken: bool = False  # handed to a batch: from here on, a lost answer is an unknown outcome
+    deadline: float  # time.monotonic() past which its caller is answered without waiting more
 
 
 class GroupCommitter(Generic[ItemT, ResultT]):
@@ -116,6 +116,7 @@ class GroupCommitter(Generic[ItemT, ResultT]):
         self._down: str | None = None  # why the task is not running, between death and restart
         self._deaths = 0
         self._restart: asyncio.TimerHandle | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -130,6 +131,8 @@ class GroupCommitter(Generic[ItemT, ResultT]):
         self._down = None
         self._task = asyncio.create_task(self._run(), name=f"keel-{self.name}")
         self._task.add_done_callback(self._on_task_done)
+        if self._sweeper is None:
+            self._sweep()
 
     def unready(self) -> str | None:
         """Why writes cannot proceed now, or None: a readiness check for ``GET /ready``."""
@@ -155,26 +158,17 @@ class GroupCommitter(Generic[ItemT, ResultT]):
                 "Too many writes are queued; nothing was written; retry.",
                 headers={"Retry-After": "1"},
             )
-        pending = _Pending(item, asyncio.get_running_loop().create_future())
-        self._queue.append(pending)
+        future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(item, future, time.monotonic() + self._timeout))
         self._wake.set()
-        try:
-            async with asyncio.timeout(self._timeout):
-                result: ResultT = await pending.future
-        except TimeoutError:
-            # The timeout cancelled the future: a batch not yet formed skips it.
-            if not pending.taken:
-                raise DatabaseUnavailable(
-                    "The write waited too long to start; nothing was written; retry.",
-                    headers={"Retry-After": "1"},
-                ) from None
-            raise OutcomeUnknown() from None
-        return result
+        return await future  # bounded: see _sweep
 
     async def stop(self) -> None:
         """Refuse new items, commit the ones already queued, then stop."""
         self._closing = True
         self._wake.set()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._restart is not None:
             self._restart.cancel()
             self._fail_queued()
@@ -197,9 +191,31 @@ class GroupCommitter(Generic[ItemT, ResultT]):
         while self._queue and len(batch) < self._max_batch:
             pending = self._queue.popleft()
             if not pending.future.done():
-                pending.taken = True
                 batch.append(pending)
         return batch
+
+    def _sweep(self) -> None:
+        """Answer every caller whose deadline has passed; runs a few times per timeout.
+
+        One timer per committer rather than one per request: the queue is in deadline order, so
+        only its head is looked at. A queued item is dropped (nothing was sent: 503, retry); an
+        item in the batch being committed may still commit, so its outcome is unknown.
+        """
+        now = time.monotonic()
+        while self._queue and self._queue[0].deadline <= now:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(
+                    DatabaseUnavailable(
+                        "The write waited too long to start; nothing was written; retry.",
+                        headers={"Retry-After": "1"},
+                    )
+                )
+        for pending in self._batch:
+            if pending.deadline <= now and not pending.future.done():
+                pending.future.set_exception(OutcomeUnknown())
+        interval = min(max(self._timeout / 10, 0.05), 1.0)
+        self._sweeper = asyncio.get_running_loop().call_later(interval, self._sweep)
 
     async def _commit(self, batch: list[_Pending[ItemT]]) -> None:
         BATCH_SIZE.labels(self.name).observe(len(batch))
