@@ -42,6 +42,8 @@ from keel.core.settings import ServiceSettings
 log = logging.getLogger("keel")
 
 HealthProbe = Callable[["Platform"], Awaitable[dict[str, Any]]]
+# Returns None while ready, else why not (e.g. "ledger_postings: committer died"); must be cheap.
+ReadinessCheck = Callable[[], str | None]
 Workers = Callable[["Platform"], AbstractAsyncContextManager[None]]
 
 
@@ -55,6 +57,11 @@ class Platform:
     rate_limiter: RateLimiter
     idempotency: Idempotency
     services: dict[str, Any] = field(default_factory=dict)
+    readiness_checks: list[ReadinessCheck] = field(default_factory=list)
+
+    def add_readiness_check(self, check: ReadinessCheck) -> None:
+        """Make ``GET /ready`` answer 503 ``not_ready`` whenever ``check`` returns a reason."""
+        self.readiness_checks.append(check)
 
     async def authorize(self, headers: Headers, scope: Scope) -> ApiKey:
         """The caller's key, checked for ``scope`` and counted against its rate limit.
@@ -145,6 +152,9 @@ def _system_router(spec: ServiceSpec) -> APIRouter:
             return _not_ready(
                 f"migrations pending for: {', '.join(pending)}; run `keel db upgrade`"
             )
+        reasons = [reason for check in plat.readiness_checks if (reason := check())]
+        if reasons:
+            return _not_ready("; ".join(reasons))
         return JSONResponse({"status": "ready"})
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

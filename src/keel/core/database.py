@@ -6,17 +6,23 @@ failing with SQLITE_BUSY when a deferred transaction later tries to write.
 
 One place owns each transaction: :meth:`Database.write` or :meth:`Database.read` in a route (or the
 posting batcher); services receive the connection and never commit.
+
+Every write transaction says what a failure means (:func:`_commit_outcome`): an error before COMMIT
+was sent propagates as it is (nothing was written: the client may retry); an error while COMMIT
+was in flight becomes :class:`~keel.core.errors.OutcomeUnknown`. Engines hide bound parameters
+from error messages and logs, which may carry tokens or personal data.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +33,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
+from keel.core.errors import DatabaseUnavailable, commit_failure
 from keel.core.settings import ServiceSettings
 
 _WRITE = "keel_write"
@@ -58,10 +65,16 @@ def create_engine(url: str, settings: ServiceSettings | None = None) -> AsyncEng
     pool_size = settings.db_pool_size if settings else 10
     if url.startswith("sqlite"):
         _prepare_sqlite_file(url)
-        engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
+        # aiosqlite logs every statement with its parameters at DEBUG: keep values out of logs.
+        logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.root.level))
+        engine = create_async_engine(
+            url, pool_size=pool_size, max_overflow=pool_size, hide_parameters=True
+        )
         _apply_sqlite_rules(engine.sync_engine, settings or ServiceSettings())
         return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, hide_parameters=True
+    )
 
 
 def _apply_sqlite_rules(engine: Engine, settings: ServiceSettings, *, direct: bool = False) -> None:
@@ -119,16 +132,24 @@ class Database:
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
 
+    @property
+    def settings(self) -> ServiceSettings:
+        return self._settings
+
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction: commits if the block succeeds, rolls back if it raises."""
         if not self.is_sqlite:
-            async with self._write_engine.begin() as conn:
-                yield conn
+            with _commit_outcome() as commit:
+                async with self._write_engine.begin() as conn:
+                    yield conn
+                    commit.send(conn.sync_connection)
             return
         # Every SQLite writer of this process, and of every process on the file, takes its turn.
-        async with self._write_lock, self._writer_turn(), self._write_engine.begin() as conn:
-            yield conn
+        with _commit_outcome() as commit:
+            async with self._write_lock, self._writer_turn(), self._write_engine.begin() as conn:
+                yield conn
+                commit.send(conn.sync_connection)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -159,7 +180,9 @@ class Database:
                 # COMMIT waits for fsync (synchronous=FULL) on this thread. Measured: handing it to
                 # a thread cost more in resuming the batch late than the blocked loop did; and with
                 # two worker processes one commits while the other serves HTTP.
-                transaction.commit()
+                with _commit_outcome() as commit:
+                    commit.send(direct)
+                    transaction.commit()
             except BaseException:
                 if transaction.is_active:
                     transaction.rollback()
@@ -227,7 +250,10 @@ class Database:
         url = self.engine.url.set(drivername="sqlite+pysqlite")
         # One task at a time uses it (the write lock); any thread may close it at shutdown.
         engine = sa_create_engine(
-            url, poolclass=StaticPool, connect_args={"check_same_thread": False}
+            url,
+            poolclass=StaticPool,
+            connect_args={"check_same_thread": False},
+            hide_parameters=True,
         )
         _apply_sqlite_rules(engine, self._settings, direct=True)
         return engine.connect()
@@ -284,11 +310,13 @@ class Writer:
             return await self._database.run_write(work)
         conn = await self._connection()
         try:
-            async with conn.begin():
-                result = await conn.run_sync(work)
+            with _commit_outcome() as commit:
+                async with conn.begin():
+                    result = await conn.run_sync(work)
+                    commit.send(conn.sync_connection)
         except BaseException:
-            if conn.invalidated or conn.closed:
-                await self.close()
+            if conn.invalidated or conn.closed or _driver_closed(conn.sync_connection):
+                await self.close()  # raw driver errors leave SQLAlchemy unaware: check the socket
             raise
         self._last_used = time.monotonic()
         return result
@@ -306,6 +334,51 @@ class Writer:
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close()
+
+
+class _Commit:
+    """Marks the moment a transaction's COMMIT is about to be sent (see :func:`_commit_outcome`)."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    def send(self, conn: Connection | None) -> None:
+        """Call just before COMMIT: raises if the connection is already known to be lost.
+
+        A connection lost before COMMIT went out means the server rolled the transaction back, so
+        the client may safely retry; only past this point is a failure an unknown outcome.
+        """
+        if _driver_closed(conn):
+            raise DatabaseUnavailable(
+                "The database connection was lost before commit; nothing was written; retry.",
+                headers={"Retry-After": "1"},
+            )
+        self.sent = True
+
+
+def _driver_closed(conn: Connection | None) -> bool:
+    """True when the driver knows its socket is gone (asyncpg; SQLite has none to lose)."""
+    if conn is None or conn.closed or conn.invalidated:
+        return False
+    is_closed = getattr(conn.connection.driver_connection, "is_closed", None)
+    return bool(is_closed is not None and is_closed())
+
+
+@contextmanager
+def _commit_outcome() -> Iterator[_Commit]:
+    """Turn an error raised once COMMIT was sent into what it means for the client."""
+    commit = _Commit()
+    try:
+        yield commit
+    except Exception as exc:
+        if not commit.sent:
+            raise
+        failure = commit_failure(exc)
+        if failure is exc:
+            raise
+        raise failure from exc
 
 
 def allocate_ids(conn: Connection, table: Table, count: int) -> list[int]:

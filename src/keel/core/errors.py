@@ -15,7 +15,10 @@ Hierarchy::
     ├── UnprocessableEntity        (422 unprocessable)
     │   └── IdempotencyKeyReused   (422 idempotency_key_reused)
     ├── RateLimited                (429 rate_limited, Retry-After)
-    └── ServiceUnavailable         (503 service_unavailable)
+    ├── OutcomeUnknown             (502 outcome_unknown, no Retry-After)
+    └── ServiceUnavailable         (503 service_unavailable, Retry-After)
+        ├── DatabaseUnavailable    (503 database_unavailable: nothing was written)
+        └── Overloaded             (503 overloaded: the write queue is full)
 
 Services subclass these with their own ``code`` (``insufficient_funds``, ``sold_out``, …).
 Routes raise; :func:`install_error_handlers` renders. No route builds error JSON by hand.
@@ -24,13 +27,21 @@ Routes raise; :func:`install_error_handlers` renders. No route builds error JSON
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Any, ClassVar
 
 import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    NotSupportedError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
@@ -107,6 +118,31 @@ class DatabaseUnavailable(ServiceUnavailable):
     code, title = "database_unavailable", "Database unavailable"
 
 
+class Overloaded(ServiceUnavailable):
+    code, title = "overloaded", "Too many writes queued"
+
+
+class OutcomeUnknown(KeelError):
+    """The connection failed while COMMIT was in flight: the write may or may not have happened.
+
+    502, not 503: a 503 (and a ``Retry-After``) tells generic clients and proxies that the
+    request was not acted on and may simply be sent again, which here could post money twice.
+    502 says what happened: the upstream (the database) gave no valid answer.
+    """
+
+    status, code, title = 502, "outcome_unknown", "Outcome unknown"
+
+    def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail or OUTCOME_UNKNOWN_DETAIL, headers=headers)
+
+
+OUTCOME_UNKNOWN_DETAIL = (
+    "The database connection failed while the write was being committed, so it may or may not "
+    "have been applied. Retry only with the same Idempotency-Key (a replay then answers with the "
+    "first outcome); without one, read the current state before sending it again."
+)
+
+
 class ProblemDetail(BaseModel):
     """The RFC 9457 problem document every error response carries."""
 
@@ -166,14 +202,77 @@ _HTTP_CODES = {
     405: ("method_not_allowed", "Method not allowed"),
     413: ("payload_too_large", "Request body too large"),
 }
-# SQLAlchemy's wrappers, the socket's own errors, and asyncpg's for the paths that use it directly.
-DATABASE_DOWN = (
-    OperationalError,
-    InterfaceError,
-    ConnectionError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.OperatorInterventionError,
+# Everything the database layer raises: SQLAlchemy's wrappers, the drivers' own errors (hot paths
+# call asyncpg and sqlite3 directly) and the socket's. Whatever reaches the renderer unwrapped was
+# raised before COMMIT was sent (see keel.core.database), so nothing was written: 503, retry.
+DATABASE_ERRORS = (
+    SQLAlchemyError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    sqlite3.Error,
+    OSError,
 )
+# SQLSTATE classes that mean the connection or the server failed, not that it refused the work.
+_CONNECTION_FAILURE_CLASSES = frozenset({"08", "57", "58", "XX"})
+# The transaction was rolled back so that another could proceed: running it again is safe.
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock, serialization failure
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The PostgreSQL SQLSTATE behind ``exc``, raw from asyncpg or wrapped by SQLAlchemy."""
+    current: BaseException | None = exc
+    for _ in range(4):  # the wrappers nest two or three deep
+        if current is None or isinstance(current, KeelError):
+            return None
+        state = getattr(current, "sqlstate", None)
+        if isinstance(state, str):
+            return state
+        current = getattr(current, "orig", None) or current.__cause__
+    return None
+
+
+def commit_failure(exc: Exception) -> Exception:
+    """What an error raised by COMMIT means for the client.
+
+    A refusal the server sent (a serialization failure, a deferred constraint) means it rolled
+    back: the error stands. Anything else (the connection lost, the server shutting down) leaves
+    the outcome unknown.
+    """
+    if isinstance(exc, KeelError):
+        return exc
+    state = sqlstate_of(exc)
+    if state is not None and state[:2] not in _CONNECTION_FAILURE_CLASSES:
+        return exc
+    return OutcomeUnknown()
+
+
+def _database_problem(exc: Exception) -> Response:
+    """503 + ``Retry-After``: the error came before COMMIT was sent, so nothing was written."""
+    state = sqlstate_of(exc)
+    if state in RETRYABLE_SQLSTATES:
+        detail = "The write conflicted with another and was rolled back; retry."
+        log.warning("write conflict: %s", type(exc).__name__)
+    elif _is_refusal(exc, state):  # a statement the database refused: a bug, still never a 500
+        detail = "The database refused the request; nothing was written."
+        log.error("database error", exc_info=exc)
+    else:
+        detail = "The database is unavailable; nothing was written; retry."
+        log.warning("database unavailable: %s", exc)
+    return render(DatabaseUnavailable(detail, headers={"Retry-After": "1"}))
+
+
+def _is_refusal(exc: Exception, state: str | None) -> bool:
+    """True when the database refused the statement itself, rather than failing to run it."""
+    if state is not None:
+        return state[:2] not in _CONNECTION_FAILURE_CLASSES
+    if isinstance(exc, DBAPIError):
+        return isinstance(exc, _REFUSED)
+    return isinstance(exc, (SQLAlchemyError, *_SQLITE_REFUSED))
+
+
+_REFUSED = (IntegrityError, ProgrammingError, DataError, NotSupportedError)
+_SQLITE_REFUSED = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.DataError)
 
 
 def render_exception(exc: Exception) -> Response:
@@ -187,11 +286,8 @@ def render_exception(exc: Exception) -> Response:
         return problem_response(
             exc.status_code, code, title, str(exc.detail), headers=dict(exc.headers or {})
         )
-    if isinstance(exc, DATABASE_DOWN):
-        log.warning("database unavailable: %s", exc)
-        return render(
-            DatabaseUnavailable("The database is unavailable; retry.", headers={"Retry-After": "1"})
-        )
+    if isinstance(exc, DATABASE_ERRORS):
+        return _database_problem(exc)
     log.error("unhandled error", exc_info=exc)
     return problem_response(500, "internal_error", "Internal server error", "Unexpected error.")
 
@@ -219,7 +315,7 @@ def install_error_handlers(app: FastAPI) -> None:
         KeelError,
         RequestValidationError,
         StarletteHTTPException,
-        *DATABASE_DOWN,
+        *DATABASE_ERRORS,
         Exception,
     ):
         app.add_exception_handler(kind, _handle)

@@ -50,6 +50,10 @@ class ServiceSettings(BaseSettings):
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
     sqlite_busy_timeout_ms: int = Field(default=10_000, ge=0)
     db_pool_size: int = Field(default=10, ge=1)
+    # Group commit (keel.core.batching): writes queued past this bound are refused with 503
+    # `overloaded`; a submitted write waits at most write_timeout_seconds for its outcome.
+    write_queue_max: int = Field(default=4096, ge=1)
+    write_timeout_seconds: float = Field(default=15.0, gt=0)
     gc_freeze: bool = True  # see keel.core.app.settle_heap; off only to measure the difference
 
     @model_validator(mode="before")

@@ -28,6 +28,7 @@ async def ledger_workers(plat: Platform) -> AsyncIterator[None]:
     postings = posting_committer(plat.database, plat.idempotency.store, settings.max_batch)
     postings.start()
     plat.services["postings"] = postings
+    plat.add_readiness_check(postings.unready)
     worker = OutboxWorker(plat.database, settings) if settings.outbox_worker else None
     if worker is not None:
         worker.start()

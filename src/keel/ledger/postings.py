@@ -131,12 +131,20 @@ def posting_committer(
     """The ledger's group committer: postings in, committed results (or refusals) out."""
 
     def apply(conn: Connection, batch: list[Posting]) -> list[PostingOutcome]:
+        for posting in batch:  # a batch rolled back by a deadlock runs again from the start
+            _reset(posting)
         apply_batch(conn, store, batch)
         return [_outcome(p) for p in batch]
 
     return GroupCommitter(
         name="ledger_postings", database=database, apply=apply, max_batch=max_batch
     )
+
+
+def _reset(posting: Posting) -> None:
+    posting.replay = posting.error = posting.result = None
+    posting.claimed = False
+    posting.balances_after = []
 
 
 def _outcome(posting: Posting) -> PostingOutcome:
