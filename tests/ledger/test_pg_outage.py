@@ -23,6 +23,7 @@ from sqlalchemy import select
 
 from keel.core.database import Database, create_engine
 from keel.core.migrate import upgrade
+from keel.ledger.registration import MIGRATIONS as LEDGER_MIGRATIONS
 from keel.ledger.tables import entries
 from tests.ledger.helpers import new_user
 from tests.support.ledger import accounts, assert_consistent, create_key
@@ -52,7 +53,7 @@ async def own_postgres() -> AsyncIterator[OwnPostgres]:
     server = OwnPostgres(bin_dir).init()
     try:
         server.start()
-        await upgrade(server.url, "ledger")
+        await upgrade(server.url, [LEDGER_MIGRATIONS])
         yield server
     finally:
         server.destroy()
