@@ -41,7 +41,6 @@ events = Table(
         sqlite_where=text("dispatched_at IS NULL"),
         postgresql_where=text("dispatched_at IS NULL"),
     ),
-    Index("ix_keel_outbox_events_service_dispatched_at", "service", "dispatched_at"),
     sqlite_autoincrement=True,
 )
 

@@ -39,11 +39,6 @@ def upgrade() -> None:
         sqlite_where=sa.text("dispatched_at IS NULL"),
         postgresql_where=sa.text("dispatched_at IS NULL"),
     )
-    op.create_index(
-        "ix_keel_outbox_events_service_dispatched_at",
-        "keel_outbox_events",
-        ["service", "dispatched_at"],
-    )
     op.create_table(
         "keel_webhook_deliveries",
         sa.Column("id", _ID, autoincrement=True, nullable=False),
