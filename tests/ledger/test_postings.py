@@ -14,8 +14,9 @@ from sqlalchemy.exc import IntegrityError
 
 from keel.core.database import Database
 from keel.core.idempotency import IdempotencyStore
+from keel.core.outbox.tables import events as outbox
 from keel.ledger.postings import Posting, apply_batch
-from keel.ledger.tables import entries, outbox, users
+from keel.ledger.tables import entries, users
 from tests.ledger.helpers import deposit, new_user
 from tests.support.ledger import row_counts
 
@@ -72,9 +73,14 @@ async def test_each_posting_writes_entry_and_outbox_event(
     user = await new_user(client)
     posted = await deposit(client, user["id"], 42)
     async with database.read() as conn:
-        payloads = (await conn.execute(select(outbox.c.payload))).scalars().all()
-    events = [json.loads(p) for p in payloads]
-    assert {"type": "transaction.posted", "data": posted} in events
+        rows = (
+            await conn.execute(
+                select(outbox.c.service, outbox.c.event_type, outbox.c.payload, outbox.c.event_id)
+            )
+        ).all()
+    events = [(service, kind, json.loads(payload)) for service, kind, payload, _ in rows]
+    assert ("ledger", "transaction.posted", posted) in events
+    assert all(event_id.version == 7 for *_, event_id in rows)
 
 
 async def test_transfer_writes_both_entries(client: httpx.AsyncClient, database: Database) -> None:

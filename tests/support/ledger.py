@@ -11,8 +11,9 @@ from sqlalchemy import func, select
 
 from keel.core.auth import Scope, create_api_key
 from keel.core.database import Database, create_engine
+from keel.core.outbox.tables import events as outbox
 from keel.core.tables import idempotency_keys
-from keel.ledger.tables import entries, outbox, transfers, users
+from keel.ledger.tables import entries, transfers, users
 
 COUNTED_TABLES = {
     "users": users,
@@ -94,9 +95,13 @@ def assert_consistent(account: Account) -> None:
 async def outbox_events_by_entry(database: Database) -> dict[int, list[dict[str, Any]]]:
     """Every outbox event's data, keyed by the entry id it announces."""
     async with database.read() as conn:
-        payloads = (await conn.execute(select(outbox.c.payload))).scalars().all()
+        rows = (
+            await conn.execute(
+                select(outbox.c.event_type, outbox.c.payload).where(outbox.c.service == "ledger")
+            )
+        ).all()
     by_entry: dict[int, list[dict[str, Any]]] = {}
-    for payload in payloads:
-        event = json.loads(payload)
-        by_entry.setdefault(event["data"]["id"], []).append(event)
+    for event_type, payload in rows:
+        data = json.loads(payload)
+        by_entry.setdefault(data["id"], []).append({"type": event_type, "data": data})
     return by_entry

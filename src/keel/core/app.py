@@ -19,6 +19,7 @@ from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
@@ -33,8 +34,11 @@ from keel.core.docs import install_docs
 from keel.core.errors import install_error_handlers
 from keel.core.fastpath import FastPath, FastRoute, compile_fast_routes
 from keel.core.idempotency import Idempotency
+from keel.core.maintenance import PeriodicJob, run_periodically
 from keel.core.migrate import pending_migrations
 from keel.core.observability import AccessLog, configure_logging, metrics_response
+from keel.core.outbox import Outbox, WebhookSettings
+from keel.core.outbox import service as outbox_service
 from keel.core.pipeline import RequestPipeline
 from keel.core.ratelimit import RateLimiter
 from keel.core.settings import ServiceSettings
@@ -89,6 +93,7 @@ class ServiceSpec:
     middleware: list[Middleware] = field(default_factory=list)
     workers: Workers | None = None  # background work started and stopped with the app
     health: HealthProbe | None = None  # extra fields for GET /health
+    outbox: Outbox | None = None  # the events it publishes; settings must be WebhookSettings
 
 
 async def platform(request: Request) -> Platform:
@@ -132,6 +137,9 @@ def _system_router(spec: ServiceSpec) -> APIRouter:
         body["rate_limit"] = await plat.rate_limiter.health()
         if body["rate_limit"]["status"] != "ok":  # requests still pass: limits count per process
             body["status"] = "degraded"
+        if spec.outbox is not None and body["database"]["status"] == "ok":
+            worker = plat.services.get("outbox")
+            body.update(await outbox_service.health(plat.database, worker, spec.name))
         if spec.health is not None and body["database"]["status"] == "ok":
             try:
                 body.update(await spec.health(plat))
@@ -175,16 +183,29 @@ def _not_ready(detail: str) -> JSONResponse:
     return JSONResponse(body, status_code=503, media_type="application/problem+json")
 
 
-async def _purge_idempotency_keys(plat: Platform) -> None:
-    while True:
-        try:
-            async with plat.database.write() as conn:
-                removed = await plat.idempotency.store.purge_expired(conn)
-            if removed:
-                log.info("purged %d expired idempotency keys", removed)
-        except Exception:
-            log.exception("idempotency purge failed; will retry")
-        await asyncio.sleep(600)
+def _maintenance_jobs(spec: ServiceSpec, plat: Platform) -> list[PeriodicJob]:
+    """Expired idempotency records, and the outbox's settled history if the service has one."""
+
+    async def expired_keys(conn: AsyncConnection, limit: int) -> int:
+        return await plat.idempotency.store.purge_expired(conn, spec.name, limit)
+
+    jobs = [PeriodicJob(name=f"{spec.name}:idempotency-purge", chunks=[expired_keys])]
+    if spec.outbox is not None:
+        assert isinstance(plat.settings, WebhookSettings)
+        jobs.append(outbox_service.purge_job(plat.settings, spec.name))
+    return jobs
+
+
+@asynccontextmanager
+async def _outbox_worker(spec: ServiceSpec, plat: Platform) -> AsyncIterator[None]:
+    if spec.outbox is None:
+        yield
+        return
+    assert isinstance(plat.settings, WebhookSettings)
+    async with outbox_service.running_worker(plat.database, plat.settings, spec.name) as worker:
+        if worker is not None:
+            plat.services["outbox"] = worker
+        yield
 
 
 _heap_settled = False
@@ -209,6 +230,10 @@ def settle_heap() -> None:
 
 def create_service_app(spec: ServiceSpec, settings: ServiceSettings) -> FastAPI:
     """Build a service's ASGI app."""
+    if spec.outbox is not None and not (
+        spec.outbox.service == spec.name and isinstance(settings, WebhookSettings)
+    ):
+        raise TypeError(f"{spec.name}: an outbox needs its own name and WebhookSettings")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -232,13 +257,14 @@ def create_service_app(spec: ServiceSpec, settings: ServiceSettings) -> FastAPI:
         app.state.platform = plat
         if settings.gc_freeze:
             settle_heap()
-        purge = asyncio.create_task(_purge_idempotency_keys(plat))
+        purge = asyncio.create_task(run_periodically(database, _maintenance_jobs(spec, plat)))
         try:
-            if spec.workers is None:
-                yield
-            else:
-                async with spec.workers(plat):
+            async with _outbox_worker(spec, plat):
+                if spec.workers is None:
                     yield
+                else:
+                    async with spec.workers(plat):
+                        yield
         finally:
             purge.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -261,6 +287,10 @@ def create_service_app(spec: ServiceSpec, settings: ServiceSettings) -> FastAPI:
     app.include_router(_system_router(spec))
     for router in spec.routers:
         app.include_router(router)
+    if spec.outbox is not None:
+        from keel.core.outbox.api import deliveries_router  # it depends on this module
+
+        app.include_router(deliveries_router(spec.name))
     app.spec = spec
     app.fast_path = _fast_path(spec, settings)
     app.pipeline = _pipeline(app, spec, settings, app.fast_path)

@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import and_, delete, select, update
+from sqlalchemy import and_, delete, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -148,10 +148,18 @@ class IdempotencyStore:
         """Forget a key claimed in this transaction whose request was refused."""
         conn.execute(delete(idempotency_keys).where(self._match(req)))
 
-    async def purge_expired(self, conn: AsyncConnection) -> int:
+    async def purge_expired(self, conn: AsyncConnection, service: str, limit: int) -> int:
+        """Delete up to ``limit`` of ``service``'s expired records; returns how many."""
         cutoff = datetime.now(UTC) - self.ttl
+        old = idempotency_keys.alias("old")  # its own FROM: not correlated with the DELETE's
+        expired = (
+            select(old.c.service, old.c.api_key_id, old.c.key)
+            .where(old.c.service == service, old.c.created_at < cutoff)
+            .limit(limit)
+        )
+        k = idempotency_keys.c
         result = await conn.execute(
-            delete(idempotency_keys).where(idempotency_keys.c.created_at < cutoff)
+            delete(idempotency_keys).where(tuple_(k.service, k.api_key_id, k.key).in_(expired))
         )
         return int(result.rowcount or 0)
 

@@ -1,6 +1,6 @@
 """Settings: one pydantic-settings base, one subclass per service, environment prefix ``KEEL_``.
 
-Every setting can be given for one service (``KEEL_LEDGER_DATABASE_URL``) or for all of them
+Every setting can be given for one service (``KEEL_<SERVICE>_DATABASE_URL``) or for all of them
 (``KEEL_DATABASE_URL``); the service-specific variable wins. So one variable points every service
 at one PostgreSQL while each can still be split out.
 """

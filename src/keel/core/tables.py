@@ -1,4 +1,4 @@
-"""Tables every service database has: API keys and idempotency records.
+"""Tables every service database has: API keys, idempotency records, maintenance leases.
 
 They live in their own migration chain (``keel.core.migrations``), applied to each service's
 database before the service's own chain, so services sharing one PostgreSQL share one key set.
@@ -82,4 +82,15 @@ idempotency_keys = Table(
     Column("response_body", Text),
     Column("created_at", UtcDateTime(), nullable=False),
     Index("ix_keel_idempotency_keys_created_at", "created_at"),
+)
+
+# One row per periodic job (``<service>:<job>``): who runs it now and when it is next due, so one
+# process at a time runs it, across processes and hosts (see keel.core.maintenance).
+maintenance_leases = Table(
+    "keel_maintenance_leases",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("holder", String(100)),
+    Column("lease_until", UtcDateTime(), nullable=False),
+    Column("next_run_at", UtcDateTime(), nullable=False),
 )

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.util import await_only
@@ -62,8 +63,9 @@ WITH new_transfers AS (
     FROM unnest($12::bigint[], $13::bigint[]) AS b(id, balance)
     WHERE u.id = b.id
 )
-INSERT INTO ledger_outbox (event_type, payload, created_at)
-SELECT $16, p.payload, $14 FROM unnest($15::text[]) AS p(payload)
+INSERT INTO keel_outbox_events (service, event_id, event_type, payload, created_at)
+SELECT $17, p.event_id, $16, p.payload, $14 FROM unnest($15::text[], $18::uuid[])
+    AS p(payload, event_id)
 """
 
 
@@ -103,7 +105,9 @@ def write_batch(
     transfer_rows: list[dict[str, Any]],
     entry_rows: list[dict[str, Any]],
     balances: list[tuple[int, int]],
+    service: str,
     event_type: str,
+    event_ids: list[UUID],
     events: list[str],
 ) -> None:
     """Insert the batch's transfers, entries and events and set its balances, in one statement."""
@@ -130,5 +134,7 @@ def write_batch(
             created_at,
             events,
             event_type,
+            service,
+            event_ids,
         )
     )

@@ -32,10 +32,11 @@ from keel.core.batching import GroupCommitter
 from keel.core.database import BulkStatement, Database, allocate_ids
 from keel.core.errors import KeelError
 from keel.core.idempotency import IdempotencyStore, IdempotentRequest, StoredResponse
+from keel.core.uuid7 import uuid7_batch
 from keel.ledger import pg_batch
 from keel.ledger.errors import BalanceOutOfRange, InsufficientFunds, UserNotFound
 from keel.ledger.schemas import Transaction, Transfer
-from keel.ledger.tables import entries, outbox, transfers, users
+from keel.ledger.tables import OUTBOX, entries, transfers, users
 
 log = logging.getLogger("keel.ledger.postings")
 
@@ -53,7 +54,6 @@ _INSERT_ENTRIES = BulkStatement(insert(entries), _ENTRY_COLUMNS)
 _INSERT_TRANSFERS = BulkStatement(
     insert(transfers), ["id", "from_user_id", "to_user_id", "amount", "description", "created_at"]
 )
-_INSERT_EVENTS = BulkStatement(insert(outbox), ["event_type", "payload", "created_at"])
 _UPDATE_BALANCES = BulkStatement(
     update(users).where(users.c.id == bindparam("uid")).values(balance=bindparam("new_balance"))
 )
@@ -284,17 +284,16 @@ def _write(
             transfer_rows=transfer_rows,
             entry_rows=entry_rows,
             balances=balances,
+            service=OUTBOX.service,
             event_type=_EVENT_TYPE,
+            event_ids=uuid7_batch(len(events)),
             events=events,
         )
     else:
         _INSERT_TRANSFERS.execute(conn, transfer_rows)
         _INSERT_ENTRIES.execute(conn, entry_rows)
         _UPDATE_BALANCES.execute(conn, [{"uid": u, "new_balance": b} for u, b in balances])
-        _INSERT_EVENTS.execute(
-            conn,
-            [{"event_type": _EVENT_TYPE, "payload": e, "created_at": now} for e in events],
-        )
+        OUTBOX.publish_many(conn, _EVENT_TYPE, events, created_at=now)
     for posting, result in zip(accepted, results, strict=True):
         posting.result = result
         if posting.idempotency is not None:
@@ -334,4 +333,4 @@ def _transactions(results: list[Transaction | Transfer]) -> list[Transaction]:
 
 
 def _event(txn: Transaction) -> str:
-    return f'{{"type":"{_EVENT_TYPE}","data":{txn.model_dump_json()}}}'
+    return txn.model_dump_json()

@@ -103,16 +103,3 @@ class AuditReport(BaseModel):
     accounts_checked: int
     mismatches: list[AccountAudit]
     checked_at: datetime
-
-
-class Delivery(BaseModel):
-    id: int
-    event_id: int
-    url: str
-    state: Literal["pending", "delivered", "failed"]
-    attempts: int
-    next_attempt_at: datetime | None
-    last_status: int | None
-    last_error: str | None
-    delivered_at: datetime | None
-    created_at: datetime

@@ -12,14 +12,12 @@ from sqlalchemy import (
     Column,
     ForeignKey,
     Index,
-    Integer,
     MetaData,
     String,
     Table,
-    Text,
-    text,
 )
 
+from keel.core.outbox import Outbox
 from keel.core.tables import NAMING_CONVENTION, BigId, UtcDateTime
 
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
@@ -63,39 +61,5 @@ entries = Table(
     Index("ix_ledger_entries_user_id_id", "user_id", "id"),
 )
 
-# Transactional outbox: one row per event, written with the entry it announces.
-outbox = Table(
-    "ledger_outbox",
-    metadata,
-    Column("id", BigId, primary_key=True, autoincrement=True),
-    Column("event_type", String(64), nullable=False),
-    Column("payload", Text, nullable=False),
-    Column("created_at", UtcDateTime(), nullable=False),
-    Column("dispatched_at", UtcDateTime()),
-    Index(
-        "ix_ledger_outbox_undispatched",
-        "id",
-        sqlite_where=text("dispatched_at IS NULL"),
-        postgresql_where=text("dispatched_at IS NULL"),
-    ),
-)
-
-# One row per (event, webhook URL): the delivery's state, visible at GET /webhooks/deliveries.
-deliveries = Table(
-    "ledger_webhook_deliveries",
-    metadata,
-    Column("id", BigId, primary_key=True, autoincrement=True),
-    Column("event_id", BigInteger, ForeignKey("ledger_outbox.id"), nullable=False),
-    Column("url", String(2000), nullable=False),
-    Column("state", String(16), nullable=False),  # pending | delivered | failed
-    Column("attempts", Integer, nullable=False, server_default="0"),
-    Column("next_attempt_at", UtcDateTime(), nullable=False),
-    Column("lease_until", UtcDateTime()),
-    Column("last_status", Integer),
-    Column("last_error", String(500)),
-    Column("delivered_at", UtcDateTime()),
-    Column("created_at", UtcDateTime(), nullable=False),
-    Index("ix_ledger_webhook_deliveries_due", "state", "next_attempt_at"),
-    Index("ix_ledger_webhook_deliveries_event_id", "event_id"),
-    Index("ix_ledger_webhook_deliveries_state_id", "state", "id"),
-)
+# The ledger's events go through the core's transactional outbox, written with their entries.
+OUTBOX = Outbox(service="ledger", event_types=["transaction.posted"])

@@ -1,7 +1,7 @@
 """Webhook signatures: how keel signs a delivery and how a receiver checks it (Stripe's scheme).
 
 Every delivery carries ``Keel-Signature: t=<unix seconds>,v1=<hex>``, where ``<hex>`` is
-HMAC-SHA256 keyed with the shared secret (``KEEL_LEDGER_WEBHOOK_SECRET``) over the bytes
+HMAC-SHA256 keyed with the shared secret (``KEEL_<SERVICE>_WEBHOOK_SECRET``) over the bytes
 ``f"{t}."`` followed by the raw request body. A receiver:
 
 1. reads the **raw** body before parsing it (re-serialised JSON would not match the bytes signed);
@@ -10,12 +10,12 @@ HMAC-SHA256 keyed with the shared secret (``KEEL_LEDGER_WEBHOOK_SECRET``) over t
    time (accepting several ``v1`` leaves room to rotate secrets);
 4. refuses ``t`` further than a tolerance (5 minutes) from its own clock, so a captured request
    cannot be replayed later; every attempt is signed afresh, so retries hours later still pass;
-5. answers 2xx quickly, then dedupes on the event's ``id`` (also sent as ``Keel-Event-Id``):
-   delivery is at least once, so the same event can arrive more than once.
+5. answers 2xx quickly, then dedupes on the event's ``id``, a UUID never reused (also sent as
+   ``Keel-Event-Id``): delivery is at least once, so the same event can arrive more than once.
 
 In Python, steps 2-4 are :func:`verify_signature`::
 
-    from keel.ledger.signatures import verify_signature
+    from keel.core.outbox.signatures import verify_signature
 
     body = await request.body()
     if not verify_signature(SECRET, request.headers.get("Keel-Signature", ""), body):

@@ -1,14 +1,15 @@
-"""The transactional outbox's webhook worker: events in ``ledger_outbox`` become signed POSTs.
+"""The transactional outbox's webhook worker: a service's published events become signed POSTs.
 
-Each posting writes its ``transaction.posted`` event into ``ledger_outbox`` in the transaction
-that writes the entry, so an event exists if and only if its entry does. :class:`OutboxWorker`
-then loops, in any number of processes on any number of hosts at once:
+A service publishes each event in the transaction of the change it announces
+(:mod:`keel.core.outbox.publish`), so an event exists if and only if its change does.
+:class:`OutboxWorker` then loops over its own service's rows, in any number of processes on any
+number of hosts at once:
 
 1. **dispatch**: claim the oldest undispatched events and write one ``pending`` delivery per
    configured URL, marking the events dispatched, in one write transaction. Events dispatched
    while no URL is configured get no deliveries: a URL added later receives only later events.
 2. **deliver**: lease due deliveries (``lease_until``) in one conditional UPDATE, so no two workers
-   hold the same row, and POST them signed (:mod:`keel.ledger.signatures`), up to
+   hold the same row, and POST them signed (:mod:`keel.core.outbox.signatures`), up to
    ``webhook_batch_size`` at once; each round writes the answers that have arrived, dropping their
    leases, in one write transaction. 2xx is ``delivered``; anything else (a status, a timeout, a
    refused connection) is retried with exponential backoff until ``webhook_max_attempts``, then
@@ -21,7 +22,9 @@ worker dispatches an event decides where it goes, and any worker may sign a retr
 
 Delivery is **at least once**: a receiver can see an event again (a worker died after the POST
 but before recording it, or the receiver answered after the timeout). Receivers dedupe on the
-event ``id`` in the (signed) body, also sent as ``Keel-Event-Id``. Events carry no ordering
+event ``id`` in the (signed) body, a UUIDv7 never reused, also sent as ``Keel-Event-Id``.
+Retention of settled history runs elsewhere, one process at a time (``outbox_purge_job``). Events
+carry no ordering
 promise. ``attempts`` counts attempts started (it is raised when a delivery is claimed), so even
 a delivery that kills its worker every time ends ``failed`` rather than looping forever.
 """
@@ -31,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import suppress
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Literal
 
 import httpx
@@ -39,32 +42,32 @@ from prometheus_client import Counter
 
 from keel import __version__
 from keel.core.database import Database
-from keel.ledger import signatures
-from keel.ledger.outbox_store import (
+from keel.core.outbox import signatures
+from keel.core.outbox.settings import WebhookSettings
+from keel.core.outbox.store import (
     ClaimedDelivery,
     Outcome,
     claim_due_deliveries,
     dispatch_events,
     give_up_exhausted,
     has_work,
-    purge_settled,
     record_outcomes,
     release_leases,
 )
-from keel.ledger.settings import LedgerSettings
 
-log = logging.getLogger("keel.ledger.outbox")
+log = logging.getLogger("keel.outbox")
 
 DELIVERY_OUTCOMES = Counter(
-    "keel_ledger_webhook_deliveries_total",
+    "keel_webhook_deliveries_total",
     "Webhook delivery attempts by outcome: delivered, retrying, failed (gave up), interrupted "
     "(the worker stopped mid-request) or stale (the lease had passed to another worker).",
-    ["outcome"],
+    ["service", "outcome"],
 )
 EVENTS_DISPATCHED = Counter(
-    "keel_ledger_outbox_events_dispatched_total", "Outbox events turned into webhook deliveries."
+    "keel_outbox_events_dispatched_total",
+    "Outbox events turned into webhook deliveries.",
+    ["service"],
 )
-_PURGE_EVERY_SECONDS = 600.0
 _MAX_ERROR_PAUSE = 30.0  # a worker facing a down database retries at least this often
 _SHUTDOWN_WRITE_SECONDS = 5.0  # a stuck database must not hold up shutdown; leases expire anyway
 
@@ -96,13 +99,13 @@ async def post_delivery(
     return Outcome(claimed, status, None if 200 <= status < 300 else f"HTTP {status}")
 
 
-def _observe(outcome: Outcome, label: str) -> None:
-    DELIVERY_OUTCOMES.labels(label).inc()
+def _observe(service: str, outcome: Outcome, label: str) -> None:
+    DELIVERY_OUTCOMES.labels(service, label).inc()
     if label in ("retrying", "failed"):
         claimed = outcome.delivery
         log.log(
             logging.WARNING if label == "failed" else logging.INFO,
-            "webhook delivery %d (event %d, attempt %d) to %s: %s; %s",
+            "webhook delivery %d (event %s, attempt %d) to %s: %s; %s",
             claimed.id,
             claimed.event_id,
             claimed.attempt,
@@ -119,17 +122,17 @@ class OutboxWorker:
     its request ends, so one receiver that hangs until the timeout holds one slot, not the worker.
     """
 
-    def __init__(self, database: Database, settings: LedgerSettings) -> None:
+    def __init__(self, database: Database, settings: WebhookSettings, service: str) -> None:
         self._database = database
         self._settings = settings
+        self.service = service
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
         self._in_flight: dict[asyncio.Task[Outcome], ClaimedDelivery] = {}
         self._unrecorded: list[Outcome] = []  # answered, not yet written (the database was down)
         self.consecutive_errors = 0
-        self.last_error: str | None = None
-        self._next_purge = 0.0  # monotonic time of the next retention purge
+        self.last_error: str | None = None  # the class only: /health is unauthenticated
 
     @property
     def state(self) -> Literal["running", "stopped"]:
@@ -148,7 +151,7 @@ class OutboxWorker:
             follow_redirects=False,  # a redirect means a misconfigured URL: show it as a failure
             headers={"User-Agent": f"keel-webhooks/{__version__}"},
         )
-        self._task = asyncio.create_task(self._run(), name="outbox-worker")
+        self._task = asyncio.create_task(self._run(), name=f"{self.service}-outbox-worker")
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
         """Cut off in-flight requests, record what finished, release the rest, and stop."""
@@ -186,7 +189,8 @@ class OutboxWorker:
             busy = await self.run_once()
         except Exception as exc:
             self.consecutive_errors += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            # The message can carry SQL, bound values or a URL's token: it goes to the log only.
+            self.last_error = type(exc).__name__
             pause = min(
                 self._settings.outbox_poll_seconds * 2.0 ** min(self.consecutive_errors, 10),
                 _MAX_ERROR_PAUSE,
@@ -200,21 +204,7 @@ class OutboxWorker:
             )
             return pause
         self.consecutive_errors = 0
-        if not busy:
-            await self._purge_if_due()
         return 0.0 if busy else self._settings.outbox_poll_seconds
-
-    async def _purge_if_due(self) -> None:
-        """Drop settled history older than ``outbox_retention_hours``, every ten minutes at most."""
-        now = asyncio.get_running_loop().time()
-        if now < self._next_purge:
-            return
-        self._next_purge = now + _PURGE_EVERY_SECONDS
-        cutoff = datetime.now(UTC) - timedelta(hours=self._settings.outbox_retention_hours)
-        async with self._database.write() as conn:
-            purged = await purge_settled(conn, cutoff)
-        if any(purged):
-            log.info("purged %d delivered deliveries and %d settled events", *purged)
 
     async def run_once(self) -> bool:
         """Record answers, dispatch events, fill free request slots; True if a backlog remains.
@@ -225,7 +215,7 @@ class OutboxWorker:
         """
         await self._record(self._collect_answers(), [])
         async with self._database.read() as conn:
-            work = (await conn.execute(has_work(datetime.now(UTC)))).one()
+            work = (await conn.execute(has_work(self.service, datetime.now(UTC)))).one()
         dispatched = await self._dispatch() if work.events else 0
         free = self._settings.webhook_batch_size - len(self._in_flight) - len(self._unrecorded)
         claimed = 0
@@ -237,26 +227,30 @@ class OutboxWorker:
         async with self._database.write() as conn:
             count = await dispatch_events(
                 conn,
+                self.service,
                 self._settings.webhook_urls,
                 self._settings.outbox_batch_size,
                 datetime.now(UTC),
             )
-        EVENTS_DISPATCHED.inc(count)
+        EVENTS_DISPATCHED.labels(self.service).inc(count)
         return count
 
     async def _claim(self, limit: int) -> int:
         settings = self._settings
         async with self._database.write() as conn:
             now = datetime.now(UTC)
-            given_up = await give_up_exhausted(conn, now, settings.webhook_max_attempts)
+            given_up = await give_up_exhausted(
+                conn, self.service, now, settings.webhook_max_attempts
+            )
             claimed = await claim_due_deliveries(
                 conn,
+                self.service,
                 now=now,
                 lease_seconds=settings.webhook_lease_seconds,
                 limit=limit,
                 max_attempts=settings.webhook_max_attempts,
             )
-        DELIVERY_OUTCOMES.labels("failed").inc(given_up)
+        DELIVERY_OUTCOMES.labels(self.service, "failed").inc(given_up)
         assert self._client is not None, "start() opens the client"
         for delivery in claimed:
             request = post_delivery(
@@ -284,8 +278,8 @@ class OutboxWorker:
             )
             await release_leases(conn, interrupted)
         for outcome, label in zip(answered, labels, strict=True):
-            _observe(outcome, label)
-        DELIVERY_OUTCOMES.labels("interrupted").inc(len(interrupted))
+            _observe(self.service, outcome, label)
+        DELIVERY_OUTCOMES.labels(self.service, "interrupted").inc(len(interrupted))
         count = len(answered) + len(interrupted)
         self._unrecorded = []
         return count
