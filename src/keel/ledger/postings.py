@@ -174,12 +174,16 @@ def apply_batch(conn: Connection, store: IdempotencyStore, batch: list[Posting])
     for posting in batch:
         if posting.accepted:
             _apply(posting, accounts)
-    refused = [p.idempotency for p in batch if p.claimed and p.error is not None]
+    refused = [
+        p.idempotency
+        for p in batch
+        if p.claimed and p.error is not None and p.idempotency is not None
+    ]
     accepted = [p for p in batch if p.accepted]
     if accepted:
-        _write(conn, store, accepted, accounts, ids, [r for r in refused if r is not None])
+        _write(conn, store, accepted, accounts, ids, refused)
     else:
-        store.release_many(conn, [r for r in refused if r is not None])
+        store.release_many(conn, refused)
     _replay_copies(batch)
 
 
