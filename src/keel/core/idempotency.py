@@ -113,15 +113,20 @@ WHERE k.created_at < $6
 RETURNING k.service, k.api_key_id, k.key
 """
 
+# Responses are stored through the primary key's conflict (the claimed row is always there), not
+# an UPDATE joined to the arrays: such a join is planned from table statistics, and a table that
+# has not been analysed yet gets a full scan of every record per batch.
 _PG_RECORD_CTES = """stored_responses AS (
-    UPDATE keel_idempotency_keys AS k
-    SET response_status = r.status, response_body = r.body
-    FROM unnest(${0}::text[], ${1}::bigint[], ${2}::text[], ${3}::int[], ${4}::text[])
-        AS r(service, api_key_id, key, status, body)
-    WHERE k.service = r.service AND k.api_key_id = r.api_key_id AND k.key = r.key
+    INSERT INTO keel_idempotency_keys AS k
+        (service, api_key_id, key, request_hash, response_status, response_body, created_at)
+    SELECT r.service, r.api_key_id, r.key, r.request_hash, r.status, r.body, now()
+    FROM unnest(${0}::text[], ${1}::bigint[], ${2}::text[], ${3}::bytea[], ${4}::int[],
+                ${5}::text[]) AS r(service, api_key_id, key, request_hash, status, body)
+    ON CONFLICT (service, api_key_id, key) DO UPDATE
+    SET response_status = excluded.response_status, response_body = excluded.response_body
 ), released_keys AS (
     DELETE FROM keel_idempotency_keys AS k
-    USING unnest(${5}::text[], ${6}::bigint[], ${7}::text[]) AS r(service, api_key_id, key)
+    USING unnest(${6}::text[], ${7}::bigint[], ${8}::text[]) AS r(service, api_key_id, key)
     WHERE k.service = r.service AND k.api_key_id = r.api_key_id AND k.key = r.key
 )"""
 
@@ -146,19 +151,20 @@ Completed = tuple[IdempotentRequest, int, str]  # a claimed request, its status 
 def pg_record_ctes(first_param: int) -> str:
     """Two CTEs, ``stored_responses`` and ``released_keys``, for a caller's own statement.
 
-    Their eight parameters are numbered from ``first_param``; :func:`pg_record_args` fills them.
+    Their nine parameters are numbered from ``first_param``; :func:`pg_record_args` fills them.
     A hot path folds its key records into the statement that writes its effect this way.
     """
-    numbers = [str(first_param + i) for i in range(8)]
+    numbers = [str(first_param + i) for i in range(9)]
     return _PG_RECORD_CTES.format(*numbers)
 
 
 def pg_record_args(completed: list[Completed], released: list[IdempotentRequest]) -> list[Any]:
-    """The eight arrays :func:`pg_record_ctes` reads: responses to store, claims to drop."""
+    """The nine arrays :func:`pg_record_ctes` reads: responses to store, claims to drop."""
     return [
         [req.service for req, _, _ in completed],
         [req.api_key_id for req, _, _ in completed],
         [req.key for req, _, _ in completed],
+        [req.fingerprint for req, _, _ in completed],
         [status for _, status, _ in completed],
         [body for _, _, body in completed],
         [req.service for req in released],
