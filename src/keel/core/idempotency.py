@@ -249,9 +249,6 @@ class IdempotencyStore:
         """Store one response to replay, in the same transaction as the effect."""
         self.complete_many(conn, [(req, status, body)])
 
-    def release(self, conn: Connection, req: IdempotentRequest) -> None:
-        self.release_many(conn, [req])
-
     async def purge_expired(self, conn: AsyncConnection) -> int:
         cutoff = datetime.now(UTC) - self.ttl
         result = await conn.execute(
