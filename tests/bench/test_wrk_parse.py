@@ -82,7 +82,6 @@ def test_scripts_carry_the_key_and_the_accounts(load: Load) -> None:
     assert "local ids = {7,8,9}" in script
     assert ("local hot = 7" in script) is (load is Load.POST_HOT)
     assert ('"/transactions"' in script) is (load is not Load.GET_USER)
-    assert ("Idempotency-Key" in script) is (load is Load.POST_KEYED)
 
 
 def test_every_scenario_has_a_target() -> None:

@@ -19,7 +19,6 @@ class Load(StrEnum):
 
     POST_SPREAD = "post-spread"  # POST /transactions, a random account of the seeded ones
     POST_HOT = "post-hot"  # POST /transactions, every request on one account
-    POST_KEYED = "post-keyed"  # POST_SPREAD with a fresh random Idempotency-Key on each request
     GET_USER = "get-user"  # GET /users/{id}, a random account
 
 
@@ -72,15 +71,6 @@ SCENARIOS: dict[str, Scenario] = {
             env=(("KEEL_FAST_PATH", "false"),),
         ),
         Scenario(
-            "sqlite-post-keyed",
-            Backend.SQLITE,
-            Load.POST_KEYED,
-            "sqlite-post-spread with a fresh random Idempotency-Key on every request",
-            target_rps=4000 * 0.7,
-            target_p99_ms=50,
-            default_workers=2,
-        ),
-        Scenario(
             "sqlite-get-user",
             Backend.SQLITE,
             Load.GET_USER,
@@ -94,14 +84,6 @@ SCENARIOS: dict[str, Scenario] = {
             Load.POST_SPREAD,
             "PostgreSQL, POST /transactions over 1,000 accounts",
             target_rps=3000,
-            default_workers=2,
-        ),
-        Scenario(
-            "postgres-post-keyed",
-            Backend.POSTGRES,
-            Load.POST_KEYED,
-            "postgres-post-spread with a fresh random Idempotency-Key on every request",
-            target_rps=3000 * 0.7,
             default_workers=2,
         ),
         Scenario(

@@ -20,7 +20,6 @@ local ids = {{{ids}}}
 local n = #ids
 local hot = {hot}
 local counter = 0
-local sent = 0
 
 wrk.headers["Authorization"] = "Bearer {key}"
 wrk.headers["Content-Type"] = "application/json"
@@ -43,13 +42,6 @@ _POST = """\
   local amount = math.random(2) == 1 and 1 or -1
   local body = '{"user_id":' .. id .. ',"amount":' .. amount .. ',"description":"bench"}'
   return wrk.format("POST", "/transactions", nil, body)"""
-# A random 128-bit hex key, made unique by the thread's number and a count: a client's UUIDs.
-_KEYED = """\
-  sent = sent + 1
-  wrk.headers["Idempotency-Key"] = string.format(
-    "%08x%08x%08x-%d-%d", math.random(0, 0x7fffffff), math.random(0, 0x7fffffff),
-    math.random(0, 0x7fffffff), thread_no or 0, sent)
-"""
 _GET = """\
   return wrk.format("GET", "/users/" .. id)"""
 
@@ -61,14 +53,8 @@ def lua_script(load: Load, user_ids: list[int], api_key: str) -> str:
         ids=",".join(str(i) for i in user_ids),
         hot=str(user_ids[0]) if load is Load.POST_HOT else "nil",
         key=api_key,
-        body=_body(load),
+        body=_GET if load is Load.GET_USER else _POST,
     )
-
-
-def _body(load: Load) -> str:
-    if load is Load.GET_USER:
-        return _GET
-    return _KEYED + _POST if load is Load.POST_KEYED else _POST
 
 
 @dataclass(frozen=True)
