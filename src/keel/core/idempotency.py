@@ -21,23 +21,26 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import and_, delete, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import delete, insert, select, tuple_
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.datastructures import Headers
 from starlette.responses import Response
 
-from keel.core.database import Database
-from keel.core.errors import IdempotencyKeyInUse, IdempotencyKeyReused, InvalidIdempotencyKey
+from keel.core.database import BulkStatement, Database
+from keel.core.errors import (
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    InvalidIdempotencyKey,
+    KeelError,
+)
 from keel.core.tables import idempotency_keys
 
 HEADER = "idempotency-key"
@@ -91,62 +94,160 @@ class StoredResponse:
         )
 
 
+Claim = StoredResponse | KeelError | None
+"""What claiming a key gives: None (claimed: go ahead), the response to replay, or a refusal."""
+
+# Keys are claimed in identity order: two transactions holding some of the same keys queue on the
+# first key they share and so can never wait on each other in a cycle. An expired record is taken
+# over in the same statement; a live one is locked (so no purge removes it before it is read) and
+# not returned.
+_PG_CLAIM = """
+INSERT INTO keel_idempotency_keys AS k (service, api_key_id, key, request_hash, created_at)
+SELECT c.service, c.api_key_id, c.key, c.request_hash, $5
+FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bytea[])
+    AS c(service, api_key_id, key, request_hash)
+ON CONFLICT (service, api_key_id, key) DO UPDATE
+SET request_hash = excluded.request_hash, created_at = excluded.created_at,
+    response_status = NULL, response_body = NULL
+WHERE k.created_at < $6
+RETURNING k.service, k.api_key_id, k.key
+"""
+
+# Responses are stored through the primary key's conflict (the claimed row is always there), not
+# an UPDATE joined to the arrays: such a join is planned from table statistics, and a table that
+# has not been analysed yet gets a full scan of every record per batch.
+_PG_RECORD_CTES = """stored_responses AS (
+    INSERT INTO keel_idempotency_keys AS k
+        (service, api_key_id, key, request_hash, response_status, response_body, created_at)
+    SELECT r.service, r.api_key_id, r.key, r.request_hash, r.status, r.body, now()
+    FROM unnest(${0}::text[], ${1}::bigint[], ${2}::text[], ${3}::bytea[], ${4}::int[],
+                ${5}::text[]) AS r(service, api_key_id, key, request_hash, status, body)
+    ON CONFLICT (service, api_key_id, key) DO UPDATE
+    SET response_status = excluded.response_status, response_body = excluded.response_body
+), released_keys AS (
+    DELETE FROM keel_idempotency_keys AS k
+    USING unnest(${6}::text[], ${7}::bigint[], ${8}::text[]) AS r(service, api_key_id, key)
+    WHERE k.service = r.service AND k.api_key_id = r.api_key_id AND k.key = r.key
+)"""
+
+# SQLite's BEGIN IMMEDIATE holds the database's write lock for the whole transaction, so there a
+# key needs no row until its response is known: the record is written once, complete.
+_SQLITE_RECORD = BulkStatement(
+    insert(idempotency_keys).prefix_with("OR REPLACE"),
+    [
+        "service",
+        "api_key_id",
+        "key",
+        "request_hash",
+        "response_status",
+        "response_body",
+        "created_at",
+    ],
+)
+
+Completed = tuple[IdempotentRequest, int, str]  # a claimed request, its status and body
+
+
+def pg_record_ctes(first_param: int) -> str:
+    """Two CTEs, ``stored_responses`` and ``released_keys``, for a caller's own statement.
+
+    Their nine parameters are numbered from ``first_param``; :func:`pg_record_args` fills them.
+    A hot path folds its key records into the statement that writes its effect this way.
+    """
+    numbers = [str(first_param + i) for i in range(9)]
+    return _PG_RECORD_CTES.format(*numbers)
+
+
+def pg_record_args(completed: list[Completed], released: list[IdempotentRequest]) -> list[Any]:
+    """The nine arrays :func:`pg_record_ctes` reads: responses to store, claims to drop."""
+    return [
+        [req.service for req, _, _ in completed],
+        [req.api_key_id for req, _, _ in completed],
+        [req.key for req, _, _ in completed],
+        [req.fingerprint for req, _, _ in completed],
+        [status for _, status, _ in completed],
+        [body for _, _, body in completed],
+        [req.service for req in released],
+        [req.api_key_id for req in released],
+        [req.key for req in released],
+    ]
+
+
 class IdempotencyStore:
-    """Reads and writes key records inside the caller's write transaction."""
+    """Claims and records keys set-wise, inside the caller's write transaction.
+
+    A batch of requests costs a fixed number of statements whatever its size: one to claim
+    every key, one to read the records that already existed (only when some did), and one to
+    store the responses and drop the claims of refused requests.
+    """
 
     def __init__(self, ttl: timedelta) -> None:
         self.ttl = ttl
 
     def claim(self, conn: Connection, req: IdempotentRequest) -> StoredResponse | None:
-        """Reserve the key in this transaction, or return the response already stored for it."""
+        """Claim one key: None to go ahead, or the response to replay; raises a refusal."""
+        (outcome,) = self.claim_many(conn, [req])
+        if isinstance(outcome, KeelError):
+            raise outcome
+        return outcome
+
+    def claim_many(self, conn: Connection, reqs: Sequence[IdempotentRequest]) -> list[Claim]:
+        """Claim every key of ``reqs`` in identity order; one outcome per request, in order.
+
+        A key sent twice in one batch is claimed by its first copy. A later copy with another
+        body is refused as reused; with the same body it is told the key is in use, which the
+        caller may turn into a replay of the first copy's response once that is known.
+        """
         now = datetime.now(UTC)
-        dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-        inserted = conn.execute(
-            dialect_insert(idempotency_keys)
-            .values(
-                service=req.service,
-                api_key_id=req.api_key_id,
-                key=req.key,
-                request_hash=req.fingerprint,
-                created_at=now,
-            )
-            .on_conflict_do_nothing()
-            .returning(idempotency_keys.c.key)
+        firsts: dict[tuple[str, int, str], IdempotentRequest] = {}
+        for req in reqs:
+            firsts.setdefault(req.identity, req)
+        distinct = sorted(firsts.values(), key=lambda r: r.identity)
+        if conn.dialect.name == "postgresql":
+            claimed = self._claim_pg(conn, distinct, now)
+            rows = self._existing(conn, [r for r in distinct if r.identity not in claimed])
+        else:
+            rows = self._existing(conn, distinct)
+            claimed = {
+                r.identity
+                for r in distinct
+                if r.identity not in rows or self._expired(rows[r.identity], now)
+            }
+        return [self._outcome(req, firsts[req.identity], claimed, rows) for req in reqs]
+
+    def complete_many(self, conn: Connection, completed: list[Completed]) -> None:
+        """Store the responses of claimed requests, in the transaction of their effect."""
+        if not completed:
+            return
+        if conn.dialect.name == "postgresql":
+            self._record_pg(conn, completed, [])
+            return
+        now = datetime.now(UTC)
+        _SQLITE_RECORD.execute(
+            conn,
+            [
+                {
+                    "service": req.service,
+                    "api_key_id": req.api_key_id,
+                    "key": req.key,
+                    "request_hash": req.fingerprint,
+                    "response_status": status,
+                    "response_body": body,
+                    "created_at": now,
+                }
+                for req, status, body in completed
+            ],
         )
-        if inserted.first() is not None:
-            return None
-        row = conn.execute(select(idempotency_keys).where(self._match(req))).one()
-        if _as_utc(row.created_at) < now - self.ttl:
-            conn.execute(
-                update(idempotency_keys)
-                .where(self._match(req))
-                .values(
-                    request_hash=req.fingerprint,
-                    created_at=now,
-                    response_status=None,
-                    response_body=None,
-                )
-            )
-            return None
-        if row.request_hash != req.fingerprint:
-            raise IdempotencyKeyReused(
-                "This Idempotency-Key was first used with a different request body."
-            )
-        if row.response_status is None:  # not reachable while records commit with their effect
-            raise IdempotencyKeyInUse("A request with this Idempotency-Key is still running.")
-        return StoredResponse(row.response_status, row.response_body)
+
+    def release_many(self, conn: Connection, released: list[IdempotentRequest]) -> None:
+        """Forget claimed keys whose requests were refused: only successes are replayed."""
+        if released and conn.dialect.name == "postgresql":
+            self._record_pg(conn, [], released)
+        # On SQLite a claim wrote nothing (see _SQLITE_RECORD), so there is nothing to forget.
 
     def complete(self, conn: Connection, req: IdempotentRequest, status: int, body: str) -> None:
-        """Store the response to replay, in the same transaction as the effect."""
-        conn.execute(
-            update(idempotency_keys)
-            .where(self._match(req))
-            .values(response_status=status, response_body=body)
-        )
-
-    def release(self, conn: Connection, req: IdempotentRequest) -> None:
-        """Forget a key claimed in this transaction whose request was refused."""
-        conn.execute(delete(idempotency_keys).where(self._match(req)))
+        """Store one response to replay, in the same transaction as the effect."""
+        self.complete_many(conn, [(req, status, body)])
 
     async def purge_expired(self, conn: AsyncConnection, service: str, limit: int) -> int:
         """Delete up to ``limit`` of ``service``'s expired records; returns how many."""
@@ -163,13 +264,76 @@ class IdempotencyStore:
         )
         return int(result.rowcount or 0)
 
-    @staticmethod
-    def _match(req: IdempotentRequest) -> Any:
-        return and_(
-            idempotency_keys.c.service == req.service,
-            idempotency_keys.c.api_key_id == req.api_key_id,
-            idempotency_keys.c.key == req.key,
+    def _claim_pg(
+        self, conn: Connection, distinct: list[IdempotentRequest], now: datetime
+    ) -> set[tuple[str, int, str]]:
+        rows = conn.exec_driver_sql(
+            _PG_CLAIM,
+            (
+                [r.service for r in distinct],
+                [r.api_key_id for r in distinct],
+                [r.key for r in distinct],
+                [r.fingerprint for r in distinct],
+                now,
+                now - self.ttl,
+            ),
         )
+        return {(service, api_key_id, key) for service, api_key_id, key in rows}
+
+    @staticmethod
+    def _record_pg(
+        conn: Connection, completed: list[Completed], released: list[IdempotentRequest]
+    ) -> None:
+        sql = f"WITH {pg_record_ctes(1)} SELECT 1"
+        conn.exec_driver_sql(sql, tuple(pg_record_args(completed, released)))
+
+    @staticmethod
+    def _existing(
+        conn: Connection, reqs: list[IdempotentRequest]
+    ) -> dict[tuple[str, int, str], Any]:
+        """The stored records of ``reqs``' keys, read by primary key.
+
+        One query per (service, API key), which is one per batch in practice: a row-value
+        ``IN`` over all three columns would make SQLite scan the whole table.
+        """
+        owners: dict[tuple[str, int], list[str]] = {}
+        for req in reqs:
+            owners.setdefault((req.service, req.api_key_id), []).append(req.key)
+        t = idempotency_keys
+        found: dict[tuple[str, int, str], Any] = {}
+        for (service, api_key_id), keys in owners.items():
+            query = select(t).where(
+                t.c.service == service, t.c.api_key_id == api_key_id, t.c.key.in_(keys)
+            )
+            found.update(((service, api_key_id, row.key), row) for row in conn.execute(query))
+        return found
+
+    def _expired(self, row: Any, now: datetime) -> bool:
+        return bool(_as_utc(row.created_at) < now - self.ttl)
+
+    @staticmethod
+    def _outcome(
+        req: IdempotentRequest,
+        first: IdempotentRequest,
+        claimed: set[tuple[str, int, str]],
+        rows: dict[tuple[str, int, str], Any],
+    ) -> Claim:
+        if req.identity in claimed:
+            if req is first:
+                return None
+            if req.fingerprint != first.fingerprint:
+                return IdempotencyKeyReused(
+                    "This Idempotency-Key was first used with a different request body."
+                )
+            return IdempotencyKeyInUse("A request with this Idempotency-Key is still running.")
+        row = rows.get(req.identity)
+        if row is not None and row.request_hash != req.fingerprint:
+            return IdempotencyKeyReused(
+                "This Idempotency-Key was first used with a different request body."
+            )
+        if row is None or row.response_status is None:  # unreachable while records commit whole
+            return IdempotencyKeyInUse("A request with this Idempotency-Key is still running.")
+        return StoredResponse(row.response_status, row.response_body)
 
 
 def _as_utc(value: datetime) -> datetime:

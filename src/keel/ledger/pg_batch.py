@@ -9,7 +9,8 @@ one saved is worth more than its own milliseconds. So a batch runs two statement
 1. :func:`lock_and_reserve` locks the batch's accounts in id order and reserves as many entry and
    transfer ids as the batch could need (refused postings leave gaps, as a rollback would). It
    goes through SQLAlchemy's driver-level ``exec_driver_sql``, which opens the transaction;
-2. :func:`write_batch` writes the transfers, entries, balances and outbox events with one
+2. :func:`write_batch` writes the transfers, entries, balances, outbox events and idempotency
+   records (see :func:`keel.core.idempotency.pg_record_ctes`) with one
    statement of data-modifying CTEs fed by ``unnest`` arrays, straight through asyncpg on the
    same connection, inside that transaction.
 
@@ -26,6 +27,8 @@ from uuid import UUID
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.util import await_only
+
+from keel.core.idempotency import pg_record_ctes
 
 # LockRows sits above the Sort, so rows are locked in id order: two batches touching the same
 # accounts queue on the first one they share and can never deadlock.
@@ -45,8 +48,8 @@ SELECT
 """
 
 # Foreign keys are checked at the end of the statement, so entries may name transfers that a
-# sibling CTE inserts.
-_WRITE_BATCH = """
+# sibling CTE inserts. The idempotency CTEs are fixed text from the core.
+_WRITE_BATCH_SQL = """
 WITH new_transfers AS (
     INSERT INTO ledger_transfers (id, from_user_id, to_user_id, amount, description, created_at)
     SELECT t.id, t.from_id, t.to_id, t.amount, t.description, $14
@@ -62,11 +65,12 @@ WITH new_transfers AS (
     UPDATE ledger_users AS u SET balance = b.balance
     FROM unnest($12::bigint[], $13::bigint[]) AS b(id, balance)
     WHERE u.id = b.id
-)
+), {idempotency}
 INSERT INTO keel_outbox_events (service, event_id, event_type, payload, created_at)
 SELECT $17, p.event_id, $16, p.payload, $14 FROM unnest($15::text[], $18::uuid[])
     AS p(payload, event_id)
 """
+_WRITE_BATCH = _WRITE_BATCH_SQL.format(idempotency=pg_record_ctes(19))
 
 
 def _driver(conn: Connection) -> Any:
@@ -109,8 +113,12 @@ def write_batch(
     event_type: str,
     event_ids: list[UUID],
     events: list[str],
+    keys: list[Any],
 ) -> None:
-    """Insert the batch's transfers, entries and events and set its balances, in one statement."""
+    """Insert the batch's transfers, entries and events and set its balances, in one statement.
+
+    ``keys`` are the batch's idempotency records, from :func:`keel.core.idempotency.pg_record_args`.
+    """
 
     def column(rows: list[dict[str, Any]], name: str) -> list[Any]:
         return [row[name] for row in rows]
@@ -136,5 +144,6 @@ def write_batch(
             event_type,
             service,
             event_ids,
+            *keys,
         )
     )

@@ -7,8 +7,8 @@ committing and applies it in one write transaction:
 1. lock every account the batch touches (``SELECT … FOR UPDATE`` in id order on PostgreSQL,
    which also reserves the batch's ids; SQLite's ``BEGIN IMMEDIATE`` already holds the database's
    write lock);
-2. claim the batch's idempotency keys (after the account locks, so two processes can never wait
-   on each other in opposite orders);
+2. claim the batch's idempotency keys, all in one statement and in a fixed order, after the
+   account locks: two processes can then never wait on each other in opposite orders;
 3. apply the postings one by one to the locked balances in memory: one that would pass its
    account's overdraft limit, or names an unknown account, is refused and leaves no trace;
 4. write the accepted postings' entries, transfers, outbox events, idempotency records and final
@@ -30,8 +30,13 @@ from sqlalchemy.engine import Connection
 
 from keel.core.batching import GroupCommitter
 from keel.core.database import BulkStatement, Database, allocate_ids
-from keel.core.errors import KeelError
-from keel.core.idempotency import IdempotencyStore, IdempotentRequest, StoredResponse
+from keel.core.errors import IdempotencyKeyInUse, KeelError
+from keel.core.idempotency import (
+    IdempotencyStore,
+    IdempotentRequest,
+    StoredResponse,
+    pg_record_args,
+)
 from keel.core.uuid7 import uuid7_batch
 from keel.ledger import pg_batch
 from keel.ledger.errors import BalanceOutOfRange, InsufficientFunds, UserNotFound
@@ -173,22 +178,51 @@ def apply_batch(conn: Connection, store: IdempotencyStore, batch: list[Posting])
         ids = _Ids(
             allocate_ids(conn, entries, entry_count), allocate_ids(conn, transfers, transfer_count)
         )
-    for posting in batch:
-        if posting.idempotency is not None:
-            try:
-                posting.replay = store.claim(conn, posting.idempotency)
-            except KeelError as exc:
-                posting.error = exc
-            else:
-                posting.claimed = posting.replay is None
+    _claim_keys(conn, store, batch)
     for posting in batch:
         if posting.accepted:
             _apply(posting, accounts)
-    refused_claims = [p.idempotency for p in batch if p.claimed and p.error is not None]
-    _release_claims(conn, store, refused_claims)
+    refused = [
+        p.idempotency
+        for p in batch
+        if p.claimed and p.error is not None and p.idempotency is not None
+    ]
     accepted = [p for p in batch if p.accepted]
     if accepted:
-        _write(conn, store, accepted, accounts, ids)
+        _write(conn, store, accepted, accounts, ids, refused)
+    else:
+        store.release_many(conn, refused)
+    _replay_copies(batch)
+
+
+def _claim_keys(conn: Connection, store: IdempotencyStore, batch: list[Posting]) -> None:
+    """Claim the batch's keys in one go; a posting whose key is not its own is settled here."""
+    keyed = [p for p in batch if p.idempotency is not None]
+    if not keyed:
+        return
+    claims = store.claim_many(conn, [p.idempotency for p in keyed if p.idempotency is not None])
+    for posting, claim in zip(keyed, claims, strict=True):
+        if claim is None:
+            posting.claimed = True
+        elif isinstance(claim, StoredResponse):
+            posting.replay = claim
+        else:
+            posting.error = claim
+
+
+def _replay_copies(batch: list[Posting]) -> None:
+    """A key's later copy in the same batch gets its first copy's response, once there is one."""
+    posted = {
+        p.idempotency.identity: p.result
+        for p in batch
+        if p.claimed and p.idempotency is not None and p.result is not None
+    }
+    for posting in batch:
+        if isinstance(posting.error, IdempotencyKeyInUse) and posting.idempotency is not None:
+            result = posted.get(posting.idempotency.identity)
+            if result is not None:
+                posting.error = None
+                posting.replay = StoredResponse(201, result.model_dump_json())
 
 
 def _read_accounts(conn: Connection, user_ids: list[int]) -> dict[int, _Account]:
@@ -226,23 +260,18 @@ def _apply(posting: Posting, accounts: dict[int, _Account]) -> None:
         accounts[user_id].touched = True
 
 
-def _release_claims(
-    conn: Connection, store: IdempotencyStore, claims: list[IdempotentRequest | None]
-) -> None:
-    """Forget the keys of refused postings: only successes are replayed."""
-    for req in claims:
-        assert req is not None
-        store.release(conn, req)
-
-
 def _write(
     conn: Connection,
     store: IdempotencyStore,
     accepted: list[Posting],
     accounts: dict[int, _Account],
     ids: _Ids,
+    released: list[IdempotentRequest],
 ) -> None:
-    """Write the accepted postings, numbered from ``ids`` (enough for them, or more)."""
+    """Write the accepted postings, numbered from ``ids`` (enough for them, or more).
+
+    Their key records go with them, and the claims of the batch's refused postings are dropped.
+    """
     now = datetime.now(UTC)
     moving = [p for p in accepted if p.transfer is not None]
     entry_ids = ids.entries[: sum(len(p.legs) for p in accepted)]
@@ -277,6 +306,11 @@ def _write(
     results = _build_results(accepted, entry_rows, transfer_of)
     balances = [(uid, a.balance) for uid, a in accounts.items() if a.touched]
     events = [_event(txn) for txn in _transactions(results)]
+    completed = [
+        (p.idempotency, 201, result.model_dump_json())
+        for p, result in zip(accepted, results, strict=True)
+        if p.idempotency is not None
+    ]
     if conn.dialect.name == "postgresql":
         pg_batch.write_batch(
             conn,
@@ -288,16 +322,17 @@ def _write(
             event_type=_EVENT_TYPE,
             event_ids=uuid7_batch(len(events)),
             events=events,
+            keys=pg_record_args(completed, released),
         )
     else:
         _INSERT_TRANSFERS.execute(conn, transfer_rows)
         _INSERT_ENTRIES.execute(conn, entry_rows)
         _UPDATE_BALANCES.execute(conn, [{"uid": u, "new_balance": b} for u, b in balances])
         OUTBOX.publish_many(conn, _EVENT_TYPE, events, created_at=now)
+        store.complete_many(conn, completed)
+        store.release_many(conn, released)
     for posting, result in zip(accepted, results, strict=True):
         posting.result = result
-        if posting.idempotency is not None:
-            store.complete(conn, posting.idempotency, 201, result.model_dump_json())
 
 
 def _build_results(
