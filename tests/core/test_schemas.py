@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from keel.core.errors import InvalidCursor
-from keel.core.schemas import MAX_ID, decode_cursor, encode_cursor
+from keel.core.schemas import CURSOR_PATTERN, MAX_ID, decode_cursor, encode_cursor
 
 
 @given(st.integers(min_value=0, max_value=MAX_ID))
@@ -21,6 +21,14 @@ def test_cursor_round_trips(last_id: int) -> None:
 
 def test_no_cursor_is_the_first_page() -> None:
     assert decode_cursor(None) is None
+    assert decode_cursor("") is None  # what `?cursor=` sends
+
+
+@given(st.from_regex(CURSOR_PATTERN, fullmatch=True))
+def test_every_cursor_the_documented_pattern_admits_is_accepted(cursor: str) -> None:
+    """The OpenAPI documents CURSOR_PATTERN: a client (or fuzzer) keeping to it is never refused."""
+    last_id = decode_cursor(cursor)
+    assert last_id is None or 0 <= last_id <= MAX_ID
 
 
 def _b64(raw: bytes) -> str:
@@ -30,7 +38,6 @@ def _b64(raw: bytes) -> str:
 @pytest.mark.parametrize(
     "cursor",
     [
-        "",
         "!!!!",
         "é",
         _b64(b"id:"),
@@ -41,6 +48,11 @@ def _b64(raw: bytes) -> str:
         _b64(b"5"),
         _b64(b"\xff\xfe"),
         _b64(b"id:1.5"),
+        encode_cursor(5) + "\n",
+        encode_cursor(5)[:-1],
+        encode_cursor(5) + "A",
+        "g" + encode_cursor(5)[1:],  # past MAX_ID
+        encode_cursor(5)[:-1] + "B",  # padding bits set
     ],
 )
 def test_foreign_cursors_are_refused(cursor: str) -> None:
@@ -56,4 +68,4 @@ def test_decoding_any_text_returns_an_id_or_refuses(cursor: str) -> None:
         last_id = decode_cursor(cursor)
     except InvalidCursor:
         return
-    assert last_id is not None and 0 <= last_id <= MAX_ID
+    assert last_id is None if cursor == "" else last_id is not None and 0 <= last_id <= MAX_ID

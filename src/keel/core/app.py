@@ -31,12 +31,13 @@ from keel.core.auth import ApiKey, ApiKeyVerifier, Scope
 from keel.core.chains import MigrationChain
 from keel.core.database import Database
 from keel.core.docs import install_docs
-from keel.core.errors import install_error_handlers
+from keel.core.errors import NotReady, install_error_handlers, problem_responses, render
 from keel.core.fastpath import FastPath, FastRoute, compile_fast_routes
 from keel.core.idempotency import Idempotency
 from keel.core.maintenance import PeriodicJob, run_periodically
 from keel.core.migrate import pending_migrations
 from keel.core.observability import AccessLog, configure_logging, metrics_response
+from keel.core.openapi import install_openapi
 from keel.core.outbox import Outbox, WebhookSettings
 from keel.core.outbox import service as outbox_service
 from keel.core.pipeline import RequestPipeline
@@ -113,7 +114,7 @@ def require(scope: Scope) -> Callable[..., Awaitable[ApiKey]]:
         return await plat.authorize(request.headers, scope)
 
     authenticated.__name__ = f"require_{scope.value}"
-    authenticated.keel_scope = scope  # type: ignore[attr-defined]  # how the fast path finds it
+    authenticated.keel_scope = scope  # type: ignore[attr-defined]  # the fast path and core.openapi read it
     return authenticated
 
 
@@ -149,8 +150,12 @@ def _system_router(spec: ServiceSpec) -> APIRouter:
                 body["probe_error"] = type(exc).__name__
         return JSONResponse(body)
 
-    @router.get("/ready", summary="503 until the database is reachable and migrated")
-    async def ready(plat: PlatformDep) -> JSONResponse:
+    @router.get(
+        "/ready",
+        summary="503 until the database is reachable and migrated",
+        responses=problem_responses(NotReady),
+    )
+    async def ready(plat: PlatformDep) -> Response:
         try:
             own = [spec.migrations] if spec.migrations is not None else []
             pending = await pending_migrations(plat.database, own)
@@ -165,22 +170,20 @@ def _system_router(spec: ServiceSpec) -> APIRouter:
             return _not_ready("; ".join(reasons))
         return JSONResponse({"status": "ready"})
 
-    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @router.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def metrics() -> Response:
         return metrics_response()
 
     return router
 
 
-def _not_ready(detail: str) -> JSONResponse:
-    body = {
-        "type": "https://keel.dev/problems/not-ready",
-        "title": "Not ready",
-        "status": 503,
-        "detail": detail,
-        "code": "not_ready",
-    }
-    return JSONResponse(body, status_code=503, media_type="application/problem+json")
+def _not_ready(detail: str) -> Response:
+    return render(NotReady(detail))
 
 
 def _maintenance_jobs(spec: ServiceSpec, plat: Platform) -> list[PeriodicJob]:
@@ -284,6 +287,7 @@ def create_service_app(spec: ServiceSpec, settings: ServiceSettings) -> FastAPI:
     )
     install_error_handlers(app)
     install_docs(app)
+    install_openapi(app)
     app.include_router(_system_router(spec))
     for router in spec.routers:
         app.include_router(router)

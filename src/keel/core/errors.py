@@ -4,6 +4,7 @@ Hierarchy::
 
     KeelError                      (500 internal_error)
     ├── BadRequest                 (400 bad_request)
+    │   ├── InvalidJson            (400 invalid_json)
     │   ├── InvalidCursor          (400 invalid_cursor)
     │   └── InvalidIdempotencyKey  (400 invalid_idempotency_key)
     ├── Unauthorized               (401 unauthorized)
@@ -12,9 +13,11 @@ Hierarchy::
     ├── Conflict                   (409 conflict)
     │   └── IdempotencyKeyInUse    (409 idempotency_key_in_use)
     ├── PayloadTooLarge            (413 payload_too_large)
-    ├── UnprocessableEntity        (422 unprocessable)
+    ├── InvalidRequest             (422 validation_error: the request breaks its schema)
+    ├── UnprocessableEntity        (422 unprocessable: well formed, refused by a rule)
     │   └── IdempotencyKeyReused   (422 idempotency_key_reused)
     ├── RateLimited                (429 rate_limited, Retry-After)
+    ├── NotReady                   (503 not_ready, GET /ready only)
     ├── OutcomeUnknown             (502 outcome_unknown, no Retry-After)
     └── ServiceUnavailable         (503 service_unavailable, Retry-After)
         ├── DatabaseUnavailable    (503 database_unavailable: nothing was written)
@@ -22,6 +25,7 @@ Hierarchy::
 
 Services subclass these with their own ``code`` (``insufficient_funds``, ``sold_out``, …).
 Routes raise; :func:`install_error_handlers` renders. No route builds error JSON by hand.
+:func:`problem_responses` documents a route's errors in its OpenAPI, from the same classes.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from typing import Any, ClassVar
 import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel
 from sqlalchemy.exc import (
     DataError,
     DBAPIError,
@@ -64,6 +67,10 @@ class KeelError(Exception):
 
 class BadRequest(KeelError):
     status, code, title = 400, "bad_request", "Bad request"
+
+
+class InvalidJson(BadRequest):
+    code, title = "invalid_json", "Malformed JSON"
 
 
 class InvalidCursor(BadRequest):
@@ -98,6 +105,10 @@ class PayloadTooLarge(KeelError):
     status, code, title = 413, "payload_too_large", "Request body too large"
 
 
+class InvalidRequest(KeelError):
+    status, code, title = 422, "validation_error", "Invalid request"
+
+
 class UnprocessableEntity(KeelError):
     status, code, title = 422, "unprocessable", "Unprocessable request"
 
@@ -108,6 +119,10 @@ class IdempotencyKeyReused(UnprocessableEntity):
 
 class RateLimited(KeelError):
     status, code, title = 429, "rate_limited", "Rate limit exceeded"
+
+
+class NotReady(KeelError):
+    status, code, title = 503, "not_ready", "Not ready"
 
 
 class ServiceUnavailable(KeelError):
@@ -143,15 +158,32 @@ OUTCOME_UNKNOWN_DETAIL = (
 )
 
 
-class ProblemDetail(BaseModel):
-    """The RFC 9457 problem document every error response carries."""
-
-    type: str
-    title: str
-    status: int
-    detail: str
-    code: str
-    errors: list[dict[str, Any]] | None = None
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "An RFC 9457 problem document: what every error response carries.",
+    "type": "object",
+    "required": ["type", "title", "status", "detail", "code"],
+    "properties": {
+        "type": {"type": "string", "description": "A URI naming the problem type."},
+        "title": {"type": "string", "description": "A short summary of the problem type."},
+        "status": {"type": "integer", "description": "The HTTP status code."},
+        "detail": {"type": "string", "description": "What went wrong with this request."},
+        "code": {"type": "string", "description": "A stable snake_case code to branch on."},
+        "errors": {
+            "type": "array",
+            "description": "For `validation_error` and `invalid_json`: each broken rule.",
+            "items": {
+                "type": "object",
+                "required": ["loc", "msg"],
+                "properties": {
+                    "loc": {"type": "array", "items": {"type": "string"}},
+                    "msg": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+PROBLEM_REF = "#/components/schemas/Problem"
 
 
 def problem_response(
@@ -178,8 +210,9 @@ def problem_response(
 
 def invalid_request(errors: list[dict[str, Any]]) -> Response:
     """422 ``validation_error`` with ``errors: [{loc, msg}]``, as every validation failure reads."""
+    kind = InvalidRequest
     return problem_response(
-        422, "validation_error", "Invalid request", "The request failed validation.", errors=errors
+        kind.status, kind.code, kind.title, "The request failed validation.", errors=errors
     )
 
 
@@ -197,7 +230,7 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
 
 
 _HTTP_CODES = {
-    400: ("invalid_json", "Malformed JSON"),  # FastAPI's "error parsing the body"
+    400: (InvalidJson.code, InvalidJson.title),  # FastAPI's "error parsing the body"
     404: ("not_found", "Not found"),
     405: ("method_not_allowed", "Method not allowed"),
     413: ("payload_too_large", "Request body too large"),
@@ -295,12 +328,9 @@ def render_exception(exc: Exception) -> Response:
 def _validation_problem(exc: RequestValidationError) -> Response:
     errors = _validation_errors(exc)
     if any(err.get("type") == "json_invalid" for err in exc.errors()):
+        kind = InvalidJson
         return problem_response(
-            400,
-            "invalid_json",
-            "Malformed JSON",
-            "The request body is not valid JSON.",
-            errors=errors,
+            kind.status, kind.code, kind.title, "The request body is not valid JSON.", errors=errors
         )
     return invalid_request(errors)
 
@@ -322,12 +352,75 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def problem_responses(*errors: type[KeelError]) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries documenting which problems a route can return."""
-    out: dict[int | str, dict[str, Any]] = {}
+    """OpenAPI ``responses`` entries for the problems a route can return, grouped by status.
+
+    Each status documents ``application/problem+json`` with the Problem schema, its ``code`` as an
+    enum of the listed classes' codes, and each code's title in the description. The platform's
+    own problems (auth, limits, validation, outages) are added to every route by
+    :mod:`keel.core.openapi`; a route lists only its own.
+    """
+    by_status: dict[int, dict[str, str]] = {}
     for err in errors:
-        entry = out.setdefault(
-            err.status,
-            {"model": ProblemDetail, "description": "", "content": {PROBLEM_JSON: {}}},
-        )
-        entry["description"] = ", ".join(filter(None, [entry["description"], f"`{err.code}`"]))
-    return out
+        by_status.setdefault(err.status, {})[err.code] = err.title
+    return {status: _problem_entry(status, codes) for status, codes in sorted(by_status.items())}
+
+
+def _problem_entry(status: int, codes: dict[str, str]) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "description": "\n".join(f"- `{code}`: {title}" for code, title in codes.items()),
+        "content": {
+            PROBLEM_JSON: {
+                "schema": {
+                    "allOf": [{"$ref": PROBLEM_REF}],
+                    "properties": {
+                        "status": {"const": status},
+                        "code": {"enum": list(codes)},
+                    },
+                }
+            }
+        },
+    }
+    if status in (429, 503):
+        entry["headers"] = {
+            "Retry-After": {
+                "description": "Seconds to wait before retrying, when a retry is safe.",
+                "schema": {"type": "integer", "minimum": 0},
+            }
+        }
+    return entry
+
+
+def documented_codes(entry: dict[str, Any]) -> list[str]:
+    """The problem codes a ``responses`` entry made by :func:`problem_responses` lists."""
+    try:
+        schema = entry["content"][PROBLEM_JSON]["schema"]
+        return list(schema["properties"]["code"]["enum"])
+    except (KeyError, TypeError):
+        return []
+
+
+def error_classes() -> dict[str, type[KeelError]]:
+    """Every error class defined so far, by code (a code reused by a subclass keeps the first)."""
+    found: dict[str, type[KeelError]] = {}
+    pending: list[type[KeelError]] = [KeelError]
+    while pending:
+        cls = pending.pop(0)
+        found.setdefault(cls.code, cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def unavailable_errors() -> list[type[KeelError]]:
+    """The outages any route that reaches the database or a write queue can answer.
+
+    Derived from the classes: a core subclass of :class:`ServiceUnavailable` (or of
+    :class:`OutcomeUnknown`) is documented on every such route as soon as it is defined.
+    """
+    pending: list[type[KeelError]] = [ServiceUnavailable, OutcomeUnknown]
+    found = []
+    while pending:
+        cls = pending.pop(0)
+        if cls.__module__ == __name__:
+            found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found

@@ -9,18 +9,9 @@ from starlette.responses import Response
 
 from keel.core.app import AdminKey, Platform, PlatformDep, ReadKey, WriteKey, platform
 from keel.core.batching import GroupCommitter
-from keel.core.errors import (
-    Forbidden,
-    IdempotencyKeyInUse,
-    IdempotencyKeyReused,
-    InvalidCursor,
-    InvalidIdempotencyKey,
-    PayloadTooLarge,
-    RateLimited,
-    Unauthorized,
-    problem_responses,
-)
+from keel.core.errors import InvalidCursor, problem_responses
 from keel.core.idempotency import StoredResponse
+from keel.core.openapi import IDEMPOTENT
 from keel.core.schemas import Cursor, Limit, Page, decode_cursor
 from keel.ledger import service
 from keel.ledger.errors import (
@@ -43,14 +34,8 @@ from keel.ledger.schemas import (
 
 router = APIRouter()
 
-_AUTH = (Unauthorized, Forbidden, RateLimited)
-_CREATE = (
-    *_AUTH,
-    PayloadTooLarge,
-    InvalidIdempotencyKey,
-    IdempotencyKeyInUse,
-    IdempotencyKeyReused,
-)
+# Each route lists its own problems; keel.core.openapi adds the platform's (auth, limits,
+# validation, outages, Idempotency-Key) to the documentation.
 UserId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
@@ -81,7 +66,8 @@ async def submit_posting(plat: Platform, posting: Posting) -> Response:
     response_model=User,
     tags=["users"],
     summary="Open an account (admin)",
-    responses=problem_responses(*_CREATE, UsernameTaken),
+    responses=problem_responses(UsernameTaken),
+    openapi_extra=IDEMPOTENT,
 )
 async def create_user(
     body: UserCreate, request: Request, key: AdminKey, plat: PlatformDep
@@ -99,7 +85,7 @@ async def create_user(
     response_model=User,
     tags=["users"],
     summary="One account and its balance",
-    responses=problem_responses(*_AUTH, UserNotFound),
+    responses=problem_responses(UserNotFound),
 )
 async def get_user(user_id: UserId, _key: ReadKey, plat: PlatformDep) -> Response:
     user = await plat.database.run_read(lambda conn: service.get_user(conn, user_id))
@@ -111,7 +97,7 @@ async def get_user(user_id: UserId, _key: ReadKey, plat: PlatformDep) -> Respons
     response_model=Page[User],
     tags=["users"],
     summary="Users whose username contains q (case-insensitive, literal)",
-    responses=problem_responses(*_AUTH, InvalidCursor),
+    responses=problem_responses(InvalidCursor),
 )
 async def search_users(
     _key: ReadKey,
@@ -125,7 +111,7 @@ async def search_users(
         return await service.search_users(conn, q, limit, after)
 
 
-_POSTING_ERRORS = (*_CREATE, UserNotFound, InsufficientFunds, BalanceOutOfRange)
+_POSTING_ERRORS = (UserNotFound, InsufficientFunds, BalanceOutOfRange)
 
 
 @router.post(
@@ -135,6 +121,7 @@ _POSTING_ERRORS = (*_CREATE, UserNotFound, InsufficientFunds, BalanceOutOfRange)
     tags=["transactions"],
     summary="Post a deposit (amount > 0) or withdrawal (amount < 0)",
     responses=problem_responses(*_POSTING_ERRORS),
+    openapi_extra=IDEMPOTENT,
 )
 @router.post("/transaction", status_code=201, response_model=Transaction, include_in_schema=False)
 async def post_transaction(
@@ -157,6 +144,7 @@ async def post_transaction(
     tags=["transactions"],
     summary="Move money between two accounts: both entries or neither",
     responses=problem_responses(*_POSTING_ERRORS, SameAccountTransfer),
+    openapi_extra=IDEMPOTENT,
 )
 async def post_transfer(
     body: TransferCreate, request: Request, key: WriteKey, plat: PlatformDep
@@ -177,7 +165,7 @@ async def post_transfer(
     response_model=Page[Transaction],
     tags=["transactions"],
     summary="An account's entries, newest first, each with balance_after",
-    responses=problem_responses(*_AUTH, UserNotFound, InvalidCursor),
+    responses=problem_responses(UserNotFound, InvalidCursor),
 )
 async def list_transactions(
     user_id: UserId, _key: ReadKey, plat: PlatformDep, limit: Limit = 20, cursor: Cursor = None
@@ -192,7 +180,6 @@ async def list_transactions(
     response_model=AuditReport,
     tags=["audit"],
     summary="Check every balance against the sum of its entries (admin)",
-    responses=problem_responses(*_AUTH),
 )
 async def audit(_key: AdminKey, plat: PlatformDep) -> AuditReport:
     async with plat.database.read() as conn:

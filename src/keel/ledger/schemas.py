@@ -9,15 +9,23 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from keel.core.schemas import Id
 
-# Amounts are integer minor units (cents). Strict: 10.5, "10" and true are refused, not coerced.
+# Amounts are integer minor units (cents). Strict: 10.5, "10" and true are refused, not coerced,
+# and so is 10.0, which JSON Schema counts as an integer but a parser cannot tell from 10.000001.
 MAX_AMOUNT = 10**12
+_WHOLE = "Written as a JSON integer: a fraction or exponent (`10.0`, `1e3`) is refused."
 Amount = Annotated[
     int,
     Field(
-        strict=True, ge=-MAX_AMOUNT, le=MAX_AMOUNT, description="Minor units; negative withdraws."
+        strict=True,
+        ge=-MAX_AMOUNT,
+        le=MAX_AMOUNT,
+        description=f"Minor units, not zero; negative withdraws. {_WHOLE}",
+        json_schema_extra={"minimum": -MAX_AMOUNT, "maximum": MAX_AMOUNT, "not": {"const": 0}},
     ),
 ]
-PositiveAmount = Annotated[int, Field(strict=True, ge=1, le=MAX_AMOUNT, description="Minor units.")]
+PositiveAmount = Annotated[
+    int, Field(strict=True, ge=1, le=MAX_AMOUNT, description=f"Minor units. {_WHOLE}")
+]
 Username = Annotated[
     str, StringConstraints(min_length=1, max_length=64), Field(pattern=r"^[^\x00-\x1f\x7f]+$")
 ]
@@ -36,7 +44,9 @@ class StrictModel(BaseModel):
 class UserCreate(StrictModel):
     username: Username
     email: Email | None = None
-    overdraft_limit: Annotated[int, Field(strict=True, ge=0, le=MAX_AMOUNT)] = 0
+    overdraft_limit: Annotated[
+        int, Field(strict=True, ge=0, le=MAX_AMOUNT, description=f"Minor units. {_WHOLE}")
+    ] = 0
 
 
 class User(BaseModel):
@@ -73,6 +83,8 @@ class Transaction(BaseModel):
 
 
 class TransferCreate(StrictModel):
+    """Two different accounts: the same id twice is 422 `same_account_transfer`."""
+
     from_user_id: Id
     to_user_id: Id
     amount: PositiveAmount

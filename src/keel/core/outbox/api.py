@@ -8,7 +8,7 @@ from uuid import UUID
 from fastapi import APIRouter, Query
 
 from keel.core.app import AdminKey, PlatformDep
-from keel.core.errors import Forbidden, InvalidCursor, RateLimited, Unauthorized, problem_responses
+from keel.core.errors import InvalidCursor, problem_responses
 from keel.core.outbox import store
 from keel.core.outbox.schemas import Delivery
 from keel.core.outbox.store import DeliveryState
@@ -23,7 +23,7 @@ def deliveries_router(service: str) -> APIRouter:
         "/webhooks/deliveries",
         response_model=Page[Delivery],
         summary="Webhook deliveries, newest first (admin)",
-        responses=problem_responses(Unauthorized, Forbidden, RateLimited, InvalidCursor),
+        responses=problem_responses(InvalidCursor),
     )
     async def list_deliveries(
         _key: AdminKey,
