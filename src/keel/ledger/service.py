@@ -45,9 +45,26 @@ async def create_user(conn: AsyncConnection, data: UserCreate) -> User:
                 .returning(users.c.id)
             )
         ).scalar_one()
-    except IntegrityError:  # the caller's transaction rolls back, idempotency claim included
-        raise UsernameTaken(f"The username {data.username!r} is taken.") from None
+    except IntegrityError as exc:  # the caller's transaction rolls back, idempotency claim too
+        if _violates_unique_username(exc):
+            raise UsernameTaken(f"The username {data.username!r} is taken.") from None
+        raise  # any other violation is a bug, not a taken name: reported as such (500)
     return User(id=user_id, balance=0, created_at=created_at, **data.model_dump())
+
+
+_UNIQUE_USERNAME = "uq_ledger_users_username"
+
+
+def _violates_unique_username(exc: IntegrityError) -> bool:
+    """Whether ``exc`` is the username's unique constraint, as each engine reports it.
+
+    PostgreSQL names the constraint (asyncpg's ``constraint_name``, the cause of SQLAlchemy's
+    wrapper); SQLite names only the column, in its message.
+    """
+    name = getattr(exc.orig.__cause__ if exc.orig else None, "constraint_name", None)
+    if name is not None:
+        return bool(name == _UNIQUE_USERNAME)
+    return f"UNIQUE constraint failed: {users.name}.username" in str(exc.orig)
 
 
 # Compiled once and run on the driver: the hot path of GET /users/{id}.
