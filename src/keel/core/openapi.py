@@ -84,6 +84,7 @@ def install_openapi(app: FastAPI) -> None:
         components.setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
         components["securitySchemes"] = SECURITY_SCHEMES
         _drop_unused_framework_schemas(schema)
+        _whole_bounds_as_integers(schema)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -147,3 +148,19 @@ def _drop_unused_framework_schemas(schema: dict[str, Any]) -> None:
     if "#/components/schemas/HTTPValidationError" not in json.dumps(schema.get("paths", {})):
         for name in ("HTTPValidationError", "ValidationError"):
             schema["components"]["schemas"].pop(name, None)
+
+
+_BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+
+
+def _whole_bounds_as_integers(node: Any) -> None:
+    """``1`` rather than FastAPI's ``1.0`` for integer bounds, as the models declare them."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _BOUNDS and isinstance(value, float) and value.is_integer():
+                node[key] = int(value)
+            else:
+                _whole_bounds_as_integers(value)
+    elif isinstance(node, list):
+        for item in node:
+            _whole_bounds_as_integers(item)
