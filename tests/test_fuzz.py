@@ -17,7 +17,6 @@ the ``Node._nodeid`` attribute it rewrites.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import os
 import time
@@ -38,7 +37,7 @@ from schemathesis.config import SchemathesisConfig
 
 from keel.core.errors import PROBLEM_JSON, InvalidRequest, documented_codes
 from keel.core.migrate import upgrade
-from keel.registry import SERVICES
+from keel.registry import load, services
 from tests import backends
 from tests.support.ledger import create_key
 from tests.support.live_server import LiveServer
@@ -52,12 +51,14 @@ STATEFUL_SECONDS = 30
 MODES = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
 
 
+SERVICES = services()
+
+
 def service_app(name: str) -> FastAPI:
     """The app a service's registration builds; building it opens nothing (the lifespan does)."""
     entry = SERVICES[name]
-    module, _, factory = entry.app_factory.partition(":")
-    settings_ = entry.settings(env="dev", database_url="sqlite:///unused.db")
-    app: FastAPI = getattr(importlib.import_module(module), factory)(settings_)
+    settings_ = entry.settings_class()(env="dev", database_url="sqlite:///unused.db")
+    app: FastAPI = load(entry.app_factory)(settings_)
     return app
 
 
@@ -101,7 +102,7 @@ class Targets:
             self.databases.append(url)
         else:
             url = f"sqlite:///{self.workdir / f'{name}.db'}"
-        asyncio.run(upgrade(url, name))
+        asyncio.run(upgrade(url, [SERVICES[name].migrations]))
         key = asyncio.run(create_key(url))
         server = LiveServer(url, self.workdir / name, service=name)
         server.workdir.mkdir()
