@@ -217,10 +217,10 @@ _heap_settled = False
 def settle_heap() -> None:
     """Hide everything alive after start-up from the cyclic garbage collector, once per process.
 
-    A service's modules, classes and caches are about 130,000 objects that live as long as the
-    process. Under load, objects of in-flight requests survive young collections, so full
-    collections run every second or so, and each walked all of them: 60-100 ms with the event loop
-    stopped, the whole of the p99. ``gc.freeze`` moves them to a generation the collector skips;
+    A service's modules, classes and caches live as long as the process. Under load, objects of
+    in-flight requests survive young collections, so full collections run often, and each walked
+    the whole start-up heap with the event loop stopped: that was the p99. ``gc.freeze`` moves
+    them to a generation the collector skips;
     what requests allocate is still collected as before.
     """
     global _heap_settled

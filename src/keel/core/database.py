@@ -405,9 +405,9 @@ def allocate_ids(conn: Connection, table: Table, count: int) -> list[int]:
 class Lookup:
     """A SELECT compiled once per dialect and run on the driver's own cursor: for hot paths.
 
-    SQLAlchemy's execution path costs about 15 µs a call whatever the statement; SQLite answers a
-    primary-key lookup in 5. On a plain sqlite3 connection (``Database.run_read``,
-    ``run_write``) this runs the compiled SQL on it directly; on any other it uses
+    SQLAlchemy's execution path costs more than a primary-key lookup itself. On a plain sqlite3
+    connection (``Database.run_read``, ``run_write``) this runs the compiled SQL on it directly;
+    on any other it uses
     ``exec_driver_sql``. Either way the columns' own result processors are applied, so values come
     back as SQLAlchemy would return them (``UtcDateTime`` aware, and so on).
     """
@@ -463,7 +463,7 @@ class BulkStatement:
     """An INSERT or UPDATE run through the driver's own ``executemany``.
 
     SQLAlchemy's per-row parameter processing costs more than SQLite's insert itself on the
-    group-commit path (about 20 µs a row); this compiles the statement once per dialect and
+    group-commit path; this compiles the statement once per dialect and
     applies only the type conversions that matter (timestamps), so the driver does the rest.
     """
 

@@ -1,10 +1,8 @@
 """A posting batch on PostgreSQL: two statements, ``BEGIN`` and ``COMMIT`` around them.
 
-SQLAlchemy's execution path costs far more than the statements of a batch do. Measured on a
-16-posting batch with nothing else running: 3.1 ms of CPU and 5.5 ms a batch through SQLAlchemy,
-0.7 ms and 2.4 ms for the same work as raw asyncpg calls; and CPU is what limits postings per
-second. Under load every round trip also waits for a turn of the event loop's HTTP work, so each
-one saved is worth more than its own milliseconds. So a batch runs two statements:
+SQLAlchemy's execution path costs several times what a batch's statements do, CPU is what limits
+postings per second, and under load every round trip also waits for a turn of the event loop's
+HTTP work (the numbers are in the README's Performance section). So a batch runs two statements:
 
 1. :func:`lock_and_reserve` locks the batch's accounts in id order and reserves as many entry and
    transfer ids as the batch could need (refused postings leave gaps, as a rollback would). It
