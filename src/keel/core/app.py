@@ -220,8 +220,7 @@ def settle_heap() -> None:
     A service's modules, classes and caches live as long as the process. Under load, objects of
     in-flight requests survive young collections, so full collections run often, and each walked
     the whole start-up heap with the event loop stopped: that was the p99. ``gc.freeze`` moves
-    them to a generation the collector skips;
-    what requests allocate is still collected as before.
+    them to a generation the collector skips; what requests allocate is still collected.
     """
     global _heap_settled
     if _heap_settled:
