@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
 from sqlalchemy import delete, func, insert, select, update
 
-from keel.core.app import PlatformDep, ServiceSpec, WriteKey, create_service_app
+from keel.core.app import ServiceSpec, create_service_app
 from keel.core.database import Database
 from keel.core.maintenance import run_if_due
 from keel.core.outbox import Outbox, WebhookSettings, store
@@ -34,6 +34,7 @@ from keel.core.outbox.store import (
 )
 from keel.core.outbox.tables import deliveries, events
 from keel.core.outbox.worker import OutboxWorker
+from keel.core.platform import PlatformDep, WriteKey
 from tests.support.webhooks import SECRET, Receiver, eventually, running_receiver
 
 EVENT = "order.placed"

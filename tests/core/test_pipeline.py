@@ -17,9 +17,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keel.bench.reference import ReferenceSettings, prepare_reference_database
 from keel.core import observability
-from keel.core.app import ServiceSpec, WriteKey, create_service_app
+from keel.core.app import ServiceSpec, create_service_app
 from keel.core.fastpath import FastRoute
 from keel.core.observability import JsonFormatter, LoopBatchedHandler, TextFormatter
+from keel.core.platform import WriteKey
 
 router = APIRouter()
 

@@ -16,13 +16,14 @@ from sqlalchemy.engine import Connection
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from keel.core.app import ServiceSpec, WriteKey, create_service_app
+from keel.core.app import ServiceSpec, create_service_app
 from keel.core.auth import Scope as KeyScope
 from keel.core.auth import create_api_key
 from keel.core.chains import CORE_CHAIN
 from keel.core.database import Database, create_engine
 from keel.core.fastpath import FastRoute
 from keel.core.migrate import alembic_config
+from keel.core.platform import WriteKey
 from keel.core.settings import ServiceSettings
 
 

@@ -16,18 +16,17 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI
 from sqlalchemy.ext.asyncio import AsyncConnection
-from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as AsgiScope
 
 from keel import __version__
-from keel.core.auth import ApiKey, ApiKeyVerifier, Scope
+from keel.core.auth import ApiKeyVerifier
 from keel.core.chains import MigrationChain
 from keel.core.database import Database
 from keel.core.docs import install_docs
@@ -40,42 +39,16 @@ from keel.core.observability import AccessLog, configure_logging, metrics_respon
 from keel.core.openapi import install_openapi
 from keel.core.outbox import Outbox, WebhookSettings
 from keel.core.outbox import service as outbox_service
+from keel.core.outbox.api import deliveries_router
 from keel.core.pipeline import RequestPipeline
+from keel.core.platform import Platform, PlatformDep, platform
 from keel.core.ratelimit import RateLimiter
 from keel.core.settings import ServiceSettings
 
 log = logging.getLogger("keel")
 
-HealthProbe = Callable[["Platform"], Awaitable[dict[str, Any]]]
-# Returns None while ready, else why not (e.g. "ledger_postings: committer died"); must be cheap.
-ReadinessCheck = Callable[[], str | None]
-Workers = Callable[["Platform"], AbstractAsyncContextManager[None]]
-
-
-@dataclass
-class Platform:
-    """Everything a running service holds: built in the lifespan, closed there."""
-
-    settings: ServiceSettings
-    database: Database
-    api_keys: ApiKeyVerifier
-    rate_limiter: RateLimiter
-    idempotency: Idempotency
-    services: dict[str, Any] = field(default_factory=dict)
-    readiness_checks: list[ReadinessCheck] = field(default_factory=list)
-
-    def add_readiness_check(self, check: ReadinessCheck) -> None:
-        """Make ``GET /ready`` answer 503 ``not_ready`` whenever ``check`` returns a reason."""
-        self.readiness_checks.append(check)
-
-    async def authorize(self, headers: Headers, scope: Scope) -> ApiKey:
-        """The caller's key, checked for ``scope`` and counted against its rate limit.
-
-        The one auth path: FastAPI's ``require`` dependency and the fast path both call it.
-        """
-        key = await self.api_keys.authenticate(headers, scope)
-        await self.rate_limiter.check(str(key.id))
-        return key
+HealthProbe = Callable[[Platform], Awaitable[dict[str, Any]]]
+Workers = Callable[[Platform], AbstractAsyncContextManager[None]]
 
 
 @dataclass(frozen=True)
@@ -95,32 +68,6 @@ class ServiceSpec:
     workers: Workers | None = None  # background work started and stopped with the app
     health: HealthProbe | None = None  # extra fields for GET /health
     outbox: Outbox | None = None  # the events it publishes; settings must be WebhookSettings
-
-
-async def platform(request: Request) -> Platform:
-    """The running service's platform (a FastAPI dependency; async so it skips the threadpool)."""
-    value: Platform = request.app.state.platform
-    return value
-
-
-PlatformDep = Annotated[Platform, Depends(platform)]
-
-
-def require(scope: Scope) -> Callable[..., Awaitable[ApiKey]]:
-    """A dependency that authenticates the caller, checks ``scope`` and counts the rate limit."""
-
-    async def authenticated(request: Request) -> ApiKey:
-        plat: Platform = request.app.state.platform
-        return await plat.authorize(request.headers, scope)
-
-    authenticated.__name__ = f"require_{scope.value}"
-    authenticated.keel_scope = scope  # type: ignore[attr-defined]  # the fast path and core.openapi read it
-    return authenticated
-
-
-ReadKey = Annotated[ApiKey, Depends(require(Scope.READ))]
-WriteKey = Annotated[ApiKey, Depends(require(Scope.WRITE))]
-AdminKey = Annotated[ApiKey, Depends(require(Scope.ADMIN))]
 
 
 def _system_router(spec: ServiceSpec) -> APIRouter:
@@ -291,8 +238,6 @@ def create_service_app(spec: ServiceSpec, settings: ServiceSettings) -> FastAPI:
     for router in spec.routers:
         app.include_router(router)
     if spec.outbox is not None:
-        from keel.core.outbox.api import deliveries_router  # it depends on this module
-
         app.include_router(deliveries_router(spec.name))
     app.spec = spec
     app.fast_path = _fast_path(spec, settings)

@@ -7,11 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
-from keel.core.app import AdminKey, Platform, PlatformDep, ReadKey, WriteKey, platform
 from keel.core.batching import GroupCommitter
 from keel.core.errors import InvalidCursor, problem_responses
 from keel.core.idempotency import StoredResponse
 from keel.core.openapi import IDEMPOTENT
+from keel.core.platform import AdminKey, Platform, PlatformDep, ReadKey, WriteKey, platform
 from keel.core.schemas import Cursor, Limit, Page, decode_cursor
 from keel.ledger import service
 from keel.ledger.errors import (

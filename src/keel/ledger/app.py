@@ -7,7 +7,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from keel.core.app import Platform, ServiceSpec, create_service_app
+from keel.core.app import ServiceSpec, create_service_app
+from keel.core.platform import Platform
 from keel.ledger.api import router
 from keel.ledger.fast import ROUTES as FAST_ROUTES
 from keel.ledger.postings import posting_committer

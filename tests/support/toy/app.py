@@ -10,7 +10,8 @@ from pydantic import BaseModel
 from pydantic_settings import SettingsConfigDict
 from sqlalchemy import func, insert, select
 
-from keel.core.app import PlatformDep, ReadKey, ServiceSpec, WriteKey, create_service_app
+from keel.core.app import ServiceSpec, create_service_app
+from keel.core.platform import PlatformDep, ReadKey, WriteKey
 from keel.core.settings import ServiceSettings
 from tests.support.toy.registration import MIGRATIONS
 from tests.support.toy.tables import notes

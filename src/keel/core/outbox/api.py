@@ -7,11 +7,11 @@ from uuid import UUID
 
 from fastapi import APIRouter, Query
 
-from keel.core.app import AdminKey, PlatformDep
 from keel.core.errors import InvalidCursor, problem_responses
 from keel.core.outbox import store
 from keel.core.outbox.schemas import Delivery
 from keel.core.outbox.store import DeliveryState
+from keel.core.platform import AdminKey, PlatformDep
 from keel.core.schemas import Cursor, Limit, Page, decode_cursor
 
 
