@@ -15,7 +15,8 @@ import pytest
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection, make_url
 
-from keel.core.database import Database, Lookup, create_engine
+from keel.core.database import Database, create_engine
+from keel.core.statements import Lookup
 from keel.ledger.registration import MIGRATIONS
 from keel.ledger.tables import users
 from tests import backends

@@ -34,13 +34,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.datastructures import Headers
 from starlette.responses import Response
 
-from keel.core.database import BulkStatement, Database
+from keel.core.database import Database
 from keel.core.errors import (
     IdempotencyKeyInUse,
     IdempotencyKeyReused,
     InvalidIdempotencyKey,
     KeelError,
 )
+from keel.core.statements import BulkStatement
 from keel.core.tables import idempotency_keys
 
 HEADER = "idempotency-key"

@@ -29,7 +29,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection
 
 from keel.core.batching import GroupCommitter
-from keel.core.database import BulkStatement, Database, allocate_ids
+from keel.core.database import Database
 from keel.core.errors import IdempotencyKeyInUse, KeelError
 from keel.core.idempotency import (
     IdempotencyStore,
@@ -37,6 +37,7 @@ from keel.core.idempotency import (
     StoredResponse,
     pg_record_args,
 )
+from keel.core.statements import BulkStatement, allocate_ids
 from keel.core.uuid7 import uuid7_batch
 from keel.ledger import pg_batch
 from keel.ledger.errors import BalanceOutOfRange, InsufficientFunds, UserNotFound

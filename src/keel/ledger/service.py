@@ -12,8 +12,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keel.core.database import Lookup
 from keel.core.schemas import Page, keyset_page
+from keel.core.statements import Lookup
 from keel.ledger.errors import UsernameTaken, UserNotFound
 from keel.ledger.schemas import AccountAudit, AuditReport, Transaction, User, UserCreate
 from keel.ledger.tables import entries, users

@@ -19,8 +19,8 @@ from sqlalchemy import insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keel.core.database import BulkStatement
 from keel.core.outbox.tables import events
+from keel.core.statements import BulkStatement
 from keel.core.uuid7 import uuid7_batch
 
 _COLUMNS = ["service", "event_id", "event_type", "payload", "created_at"]
