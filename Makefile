@@ -19,13 +19,13 @@ run: install
 	$(RUN) keel run
 
 lint: install
-	$(RUN) ruff check src tests
-	$(RUN) ruff format --check src tests
+	$(RUN) ruff check src tests bench
+	$(RUN) ruff format --check src tests bench
 	$(RUN) mypy
 
 format: install
-	$(RUN) ruff check --fix src tests
-	$(RUN) ruff format src tests
+	$(RUN) ruff check --fix src tests bench
+	$(RUN) ruff format src tests bench
 
 test: lint
 	$(RUN) pytest $(PYTEST_ARGS)
