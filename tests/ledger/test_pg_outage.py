@@ -118,6 +118,7 @@ async def until(condition: Callable[[], bool], timeout: float, what: str) -> Non
 async def test_postgres_stopped_hard_under_load(own_postgres: OwnPostgres, tmp_path: Path) -> None:
     key = await create_key(own_postgres.url)
     server = LiveServer(own_postgres.url, tmp_path, workers=2).start()
+    processes = set(server.members())  # uvicorn replaces a dead worker: its pid would change
     try:
         headers = {"Authorization": f"Bearer {key}"}
         async with httpx.AsyncClient(base_url=server.base_url, headers=headers) as setup:
@@ -144,6 +145,7 @@ async def test_postgres_stopped_hard_under_load(own_postgres: OwnPostgres, tmp_p
             tally.stop.set()
             await asyncio.wait_for(asyncio.gather(*posters), REPLY_BOUND + 5)
         assert server.process is not None and server.process.poll() is None  # never restarted
+        assert set(server.members()) == processes  # nor any of its workers
     finally:
         server.stop()
     print(dict(tally.answers))  # what the clients were told, for the record
