@@ -13,11 +13,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keel.core.database import Database, create_engine
-from keel.core.idempotency import IdempotencyStore
+from keel.core.idempotency import IdempotencyStore, IdempotentRequest
 from keel.core.maintenance import PeriodicJob, run_if_due
 from keel.core.tables import idempotency_keys, maintenance_leases
 
@@ -167,3 +167,63 @@ async def test_a_holder_whose_lease_lapsed_stops(database: Database, service: st
     assert await run_if_due(database, job) == 10
     assert sizes == [10] and await count_keys(database, service, expired=True) == 15
     assert (await lease_row(database, job.name)).holder == "someone-else"
+
+
+async def test_the_purge_spares_an_expired_key_taken_over_while_it_waited(
+    postgres_url: str, service: str
+) -> None:
+    """PostgreSQL: a purge that picked an expired key, then waited for the claim that took it
+    over, must not delete the fresh record: a retry with that key would then run again."""
+    first, second = (Database(create_engine(postgres_url)) for _ in range(2))
+    try:
+        store = IdempotencyStore(TTL)
+        await add_keys(first, service, 1, age=TTL + timedelta(hours=1))
+        async with first.read() as conn:
+            (key,) = (
+                await conn.execute(
+                    select(idempotency_keys.c.key).where(idempotency_keys.c.service == service)
+                )
+            ).scalars()
+        req = IdempotentRequest(service, 1, key, b"\1" * 32)
+        purge: asyncio.Task[int] | None = None
+
+        async def purge_expired() -> int:
+            async with second.write() as conn:
+                return await store.purge_expired(conn, service, 1_000)
+
+        async with first.write() as conn:
+            assert await conn.run_sync(store.claim, req) is None  # taken over
+            await conn.run_sync(store.complete, req, 201, '{"id":1}')
+            purge = asyncio.create_task(purge_expired())
+            await _until_blocked(first, service)  # the purge waits for this transaction
+        assert await asyncio.wait_for(purge, 20) == 0
+        async with first.read() as conn:
+            row = (
+                await conn.execute(
+                    select(idempotency_keys).where(
+                        idempotency_keys.c.service == service, idempotency_keys.c.key == key
+                    )
+                )
+            ).one()
+        assert (row.request_hash, row.response_status) == (b"\1" * 32, 201)
+    finally:
+        await first.dispose()
+        await second.dispose()
+
+
+async def _until_blocked(database: Database, service: str) -> None:
+    """Wait until some session is waiting for a lock while deleting ``service``'s keys."""
+    for _ in range(200):
+        async with database.read() as conn:
+            waiting = (
+                await conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND query LIKE 'DELETE FROM keel_idempotency_keys%'"
+                    )
+                )
+            ).scalar_one()
+        if waiting:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the purge never waited for the claim")

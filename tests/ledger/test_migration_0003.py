@@ -164,3 +164,75 @@ async def test_an_existing_ledger_outbox_moves_into_the_core(old_url: str) -> No
         assert delivery_id > max(d.id for d in sent)
     finally:
         await database.dispose()
+
+
+async def test_no_id_handed_out_before_the_move_is_handed_out_again(
+    backend: str, old_url: str
+) -> None:
+    """Sequences (and SQLite's AUTOINCREMENT) remember ids whose rows were purged: so must the move.
+
+    The ledger's newest events and deliveries were purged, and another service published to the
+    core tables, then had its events purged too: no copied or new row may take any of their ids.
+    (The ledger's old SQLite tables kept no record of ids past their largest: there, 4 and 5
+    could already be handed out again before the move.)
+    """
+    old_top = 5 if backend == "postgres" else 3
+    database = Database(create_engine(old_url))
+    old_outbox = _table("ledger_outbox", "event_type", "payload", "created_at")
+    old_deliveries = _table(
+        "ledger_webhook_deliveries", "event_id", "url", "state", "next_attempt_at", "created_at"
+    )
+    try:
+        async with database.write() as conn:
+            await conn.run_sync(_to, OLD_HEADS)
+            for i in range(1, 6):  # ids 1..5 from the old tables' sequences
+                await conn.execute(
+                    old_outbox.insert().values(
+                        event_type="transaction.posted",
+                        payload=json.dumps({"type": "transaction.posted", "data": {"id": i}}),
+                        created_at=T0,
+                    )
+                )
+                await conn.execute(
+                    old_deliveries.insert().values(
+                        event_id=i,
+                        url="https://a.test/",
+                        state="delivered",
+                        next_attempt_at=T0,
+                        created_at=T0,
+                    )
+                )
+            await conn.execute(sa.text("DELETE FROM ledger_webhook_deliveries WHERE id > 3"))
+            await conn.execute(sa.text("DELETE FROM ledger_outbox WHERE id > 3"))
+            await conn.run_sync(_to, {"core": "core_0002"})
+            for i in range(3):
+                await Outbox("other", ["x.y"]).publish_async(conn, "x.y", {"id": i})
+            await conn.execute(sa.text("DELETE FROM keel_outbox_events"))  # purged
+        await upgrade(old_url, [MIGRATIONS])
+        async with database.write() as conn:
+            moved = (await conn.execute(select(events.c.id))).scalars().all()
+            fresh = await Outbox("ledger", ["transaction.posted"]).publish_async(
+                conn, "transaction.posted", {"id": 6}
+            )
+            fresh_id = (
+                await conn.execute(select(events.c.id).where(events.c.event_id == fresh))
+            ).scalar_one()
+            delivery_id = (
+                await conn.execute(
+                    deliveries.insert()
+                    .values(
+                        service="ledger",
+                        event_id=fresh_id,
+                        url="https://a.test/",
+                        state="pending",
+                        next_attempt_at=T0,
+                        created_at=T0,
+                    )
+                    .returning(deliveries.c.id)
+                )
+            ).scalar_one()
+        assert min(moved) > 3  # the other service's purged events had ids 1..3
+        assert fresh_id > 3 + old_top  # nor the ledger's purged ones, wherever the move put them
+        assert delivery_id > old_top  # 4 and 5 went out as Keel-Delivery-Id before the move
+    finally:
+        await database.dispose()

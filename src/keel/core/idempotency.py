@@ -260,8 +260,12 @@ class IdempotencyStore:
             .limit(limit)
         )
         k = idempotency_keys.c
+        # The outer test is what PostgreSQL re-checks on a row it waited for: without it, a key
+        # a claim took over meanwhile (fresh, its effect committed) would be deleted all the same.
         result = await conn.execute(
-            delete(idempotency_keys).where(tuple_(k.service, k.api_key_id, k.key).in_(expired))
+            delete(idempotency_keys).where(
+                tuple_(k.service, k.api_key_id, k.key).in_(expired), k.created_at < cutoff
+            )
         )
         return int(result.rowcount or 0)
 

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 from keel.core.uuid7 import uuid7_batch
 
@@ -78,6 +79,24 @@ def _max_id(conn: sa.Connection, table: sa.Table) -> int:
     return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(table.c.id), 0))).scalar_one())
 
 
+def _high_water(conn: sa.Connection, table: sa.Table) -> int:
+    """The largest id ``table`` ever handed out, purged rows included, as far as the engine knows.
+
+    PostgreSQL's sequence remembers it; SQLite's AUTOINCREMENT counter does for the core tables,
+    while the ledger's old SQLite tables had none (their ids could already be reused).
+    """
+    if conn.dialect.name == "postgresql":
+        sequence = sa.func.pg_get_serial_sequence(table.name, "id")
+        last_value = sa.func.pg_sequence_last_value(sa.cast(sequence, postgresql.REGCLASS))
+        last = conn.execute(sa.select(last_value)).scalar()
+    elif sa.inspect(conn).has_table("sqlite_sequence"):
+        seq = sa.text("SELECT seq FROM sqlite_sequence WHERE name = :name")
+        last = conn.execute(seq, {"name": table.name}).scalar()
+    else:
+        last = None
+    return max(_max_id(conn, table), int(last or 0))
+
+
 def _unix_ms(at: datetime) -> int:
     return int((at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp() * 1000)
 
@@ -111,8 +130,7 @@ def _copy_events(conn: sa.Connection, shift: int) -> None:
         last = rows[-1].id
 
 
-def _copy_deliveries(conn: sa.Connection, event_shift: int) -> None:
-    shift = _max_id(conn, _deliveries)
+def _copy_deliveries(conn: sa.Connection, event_shift: int, shift: int) -> None:
     old = _old_deliveries.c
     conn.execute(
         _deliveries.insert().from_select(
@@ -127,12 +145,15 @@ def _copy_deliveries(conn: sa.Connection, event_shift: int) -> None:
     )
 
 
-def _advance_sequences(conn: sa.Connection) -> None:
-    """PostgreSQL's sequences do not see explicit ids (SQLite's AUTOINCREMENT counter does)."""
+def _advance_sequences(conn: sa.Connection, floors: dict[str, int]) -> None:
+    """PostgreSQL's sequences do not see explicit ids (SQLite's AUTOINCREMENT counter does).
+
+    Each moves past every id handed out before, copied or purged (``floors``), never back.
+    """
     if conn.dialect.name != "postgresql":
         return
     for table in (_events, _deliveries):
-        top = _max_id(conn, table)
+        top = max(_high_water(conn, table), floors[table.name])
         if top:
             conn.execute(
                 sa.select(sa.func.setval(sa.func.pg_get_serial_sequence(table.name, "id"), top))
@@ -141,10 +162,15 @@ def _advance_sequences(conn: sa.Connection) -> None:
 
 def upgrade() -> None:
     conn = op.get_bind()
-    shift = _max_id(conn, _events)
+    # Past every id the core tables ever handed out, so no copied row takes a purged row's id.
+    shift, delivery_shift = _high_water(conn, _events), _high_water(conn, _deliveries)
+    floors = {
+        _events.name: shift + _high_water(conn, _old_events),
+        _deliveries.name: delivery_shift + _high_water(conn, _old_deliveries),
+    }
     _copy_events(conn, shift)
-    _copy_deliveries(conn, shift)
-    _advance_sequences(conn)
+    _copy_deliveries(conn, shift, delivery_shift)
+    _advance_sequences(conn, floors)
     op.drop_table("ledger_webhook_deliveries")  # its indexes go with it
     op.drop_table("ledger_outbox")
 
