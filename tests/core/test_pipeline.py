@@ -217,3 +217,30 @@ def test_a_route_the_fast_path_cannot_reproduce_is_refused_at_build() -> None:
         spec = ServiceSpec("odd", "odd", "", [odd], fast_routes=[FastRoute("GET", path)])
         with pytest.raises(ValueError, match=path):
             create_service_app(spec, ReferenceSettings(database_url="sqlite://"))
+
+
+async def test_access_lines_escape_unicode_line_breaks(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="keel.access"):
+        await client.get("/a%E2%80%A8b%E2%80%A9c%C2%A0d")  # LINE and PARAGRAPH SEPARATOR, NBSP
+    (record,) = [r for r in caplog.records if r.name == "keel.access"]
+    assert len(record.getMessage().splitlines()) == 1, record.getMessage()
+    assert "/a\\u2028b\\u2029c" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    "sent", ["req-1] GET /users/1 200 0.1ms", 'a"b', "a b", "a\\b", "x" * 129, "é"]
+)
+async def test_a_request_id_that_could_forge_a_log_line_is_replaced(
+    client: httpx.AsyncClient, sent: str
+) -> None:
+    response = await client.get("/plain", headers={"X-Request-ID": sent.encode("latin-1")})
+    rid = response.headers["x-request-id"]
+    assert rid != sent and " " not in rid and "]" not in rid
+
+
+@pytest.mark.parametrize("sent", ["req-1", "0af7651916cd43dd8448eb211c80319c", "a.b:c/d+e=_@"])
+async def test_a_plain_request_id_is_kept(client: httpx.AsyncClient, sent: str) -> None:
+    response = await client.get("/plain", headers={"X-Request-ID": sent})
+    assert response.headers["x-request-id"] == sent
