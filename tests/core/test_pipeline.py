@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import APIRouter
+from fastapi import APIRouter, Body
 from pydantic import BaseModel
 from starlette.middleware import Middleware
 from starlette.responses import Response
@@ -17,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keel.bench.reference import ReferenceSettings, prepare_reference_database
 from keel.core import observability
-from keel.core.app import ServiceSpec, WriteKey, create_service_app
+from keel.core.app import AdminKey, ServiceSpec, WriteKey, create_service_app
 from keel.core.fastpath import FastRoute
 from keel.core.observability import JsonFormatter, LoopBatchedHandler, TextFormatter
 
@@ -244,3 +245,85 @@ async def test_a_request_id_that_could_forge_a_log_line_is_replaced(
 async def test_a_plain_request_id_is_kept(client: httpx.AsyncClient, sent: str) -> None:
     response = await client.get("/plain", headers={"X-Request-ID": sent})
     assert response.headers["x-request-id"] == sent
+
+
+tricky = APIRouter()
+
+
+@tricky.post("/embedded")
+async def embedded(text: Annotated[str, Body(embed=True)], _key: WriteKey) -> Response:
+    return Response(text)
+
+
+lenient_router = APIRouter(strict_content_type=False)  # JSON without a Content-Type
+
+
+@lenient_router.post("/lenient")
+async def lenient(body: Echo, _key: WriteKey) -> Response:
+    return Response(body.text)
+
+
+@tricky.get("/things/special")
+async def special(_key: AdminKey) -> Response:
+    return Response(b"special")
+
+
+@tricky.get("/things/{thing_id}")
+async def thing(thing_id: int, _key: WriteKey) -> Response:
+    return Response(str(thing_id))
+
+
+@tricky.get("/names/{name}")
+async def name_first(name: str, _key: WriteKey) -> Response:
+    return Response(f"first {name}")
+
+
+@tricky.get("/names/{other}")
+async def name_second(other: str, _key: WriteKey) -> Response:
+    return Response(f"second {other}")
+
+
+@pytest.mark.parametrize(
+    ("route", "request_args"),
+    [
+        (FastRoute("POST", "/embedded"), ("POST", "/embedded", {"json": {"text": "hi"}})),
+        (FastRoute("POST", "/lenient"), ("POST", "/lenient", {"content": b'{"text": "hi"}'})),
+        (FastRoute("GET", "/things/{thing_id}"), ("GET", "/things/special", {})),
+        (FastRoute("GET", "/things/{thing_id}"), ("GET", "/things/7", {})),
+        (FastRoute("GET", "/names/{other}"), ("GET", "/names/x", {})),
+    ],
+    ids=[
+        "embedded-body",
+        "lenient-content-type",
+        "shadowed-by-an-earlier-literal-route",
+        "beside-an-earlier-literal-route",
+        "shadowed-by-an-earlier-parameter-route",
+    ],
+)
+async def test_a_fast_route_answers_as_fastapi_does_or_is_refused(
+    tmp_path: Path, route: FastRoute, request_args: tuple[str, str, dict[str, Any]]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'ref.db'}"
+    key = await prepare_reference_database(url)
+    answers = []
+    for fast in (False, True):
+        routers = [tricky, lenient_router]
+        spec = ServiceSpec("tricky", "tricky", "", routers, fast_routes=[route])
+        settings = ReferenceSettings(database_url=url, fast_path=fast, access_log=False)
+        try:
+            app = create_service_app(spec, settings)
+        except ValueError:
+            assert fast
+            return  # refused at build: fine
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app),
+                base_url="http://keel.test",
+                headers={"Authorization": f"Bearer {key}"},
+            ) as c,
+        ):
+            method, path, kwargs = request_args
+            response = await c.request(method, path, **kwargs)
+            answers.append((response.status_code, response.text))
+    assert answers[0] == answers[1]
