@@ -327,3 +327,14 @@ async def test_a_fast_route_answers_as_fastapi_does_or_is_refused(
             response = await c.request(method, path, **kwargs)
             answers.append((response.status_code, response.text))
     assert answers[0] == answers[1]
+
+
+async def test_made_up_methods_cannot_grow_the_metrics_without_bound(
+    client: httpx.AsyncClient,
+) -> None:
+    """HTTP allows any token as a method (h11 serves them); each must not be a new label set."""
+    for n in range(50):
+        assert (await client.request(f"MADEUP{n}", "/plain")).status_code == 405
+    metrics = (await client.get("/metrics")).text
+    assert "MADEUP" not in metrics
+    assert 'method="OTHER"' in metrics

@@ -243,6 +243,9 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
+
+
 class AccessLog:
     """One access line and the request metrics for every request, at a cost that fits.
 
@@ -269,7 +272,8 @@ class AccessLog:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         method = scope["method"]
-        self._count(method, template, status, elapsed)
+        # Any token is a method to HTTP (h11 serves them all): the rest share one label set.
+        self._count(method if method in _METHODS else "OTHER", template, status, elapsed)
         if self.enabled and self._sampled(method, template, status, elapsed):
             self._write(method, printable(scope["path"]), status, elapsed, rid)
 
