@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope
+from starlette.types import Message, Receive, Scope
 
 from keel.core.errors import render_exception
 
@@ -226,7 +226,9 @@ async def _call(plan: _Plan, params: dict[str, str], scope: Scope, receive: Rece
     headers = Headers(scope=scope)
     body: Any = Undefined
     if plan.body_field is not None:
-        body = await _json_body(headers, receive)
+        raw = await _read_body(receive)
+        body = _json_body(headers, raw)
+        receive = _replay(raw, receive)  # an endpoint reading it again gets it, as from FastAPI
     plat = scope["app"].state.platform
     values: dict[str, Any] = {}
     for arg in plan.platform_args:
@@ -248,9 +250,8 @@ async def _call(plan: _Plan, params: dict[str, str], scope: Scope, receive: Rece
     return await plan.endpoint(**values)
 
 
-async def _json_body(headers: Headers, receive: Receive) -> Any:
+def _json_body(headers: Headers, raw: bytes) -> Any:
     """The body as FastAPI hands it to validation: JSON-decoded only with a JSON content type."""
-    raw = await _read_body(receive)
     if not raw:
         return Undefined
     content_type = headers.get("content-type")
@@ -287,6 +288,16 @@ def _is_json(content_type: str) -> bool:
         if len(_JSON_TYPES) < 256:  # clients send a handful of spellings; never grow unbounded
             _JSON_TYPES[content_type] = known
     return known
+
+
+def _replay(raw: bytes, receive: Receive) -> Receive:
+    """``receive`` that first hands out the body already read, then passes on (disconnects)."""
+    pending = [{"type": "http.request", "body": raw, "more_body": False}]
+
+    async def replayed() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replayed
 
 
 async def _read_body(receive: Receive) -> bytes:
