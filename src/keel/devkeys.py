@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from sqlalchemy import select
 
 from keel.clikit import database_url
@@ -28,8 +30,11 @@ async def dev_admin_key(entries: list[ServiceEntry]) -> str:
         return raw
     raw = await create_key_everywhere(Scope.ADMIN, "dev admin (make run)", entries, None)
     DEV_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
-    DEV_KEY_FILE.write_text(raw + "\n")
-    DEV_KEY_FILE.chmod(0o600)
+    # Created 0600 (and an older file made so) before the key is written: never readable by others.
+    fd = os.open(DEV_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(raw + "\n")
     return raw
 
 
@@ -38,7 +43,9 @@ async def _key_exists(entry: ServiceEntry, raw: str) -> bool:
     try:
         async with database.read() as conn:
             found = await conn.execute(
-                select(api_keys.c.id).where(api_keys.c.key_hash == hash_key(raw))
+                select(api_keys.c.id).where(
+                    api_keys.c.key_hash == hash_key(raw), api_keys.c.revoked_at.is_(None)
+                )
             )
             return found.first() is not None
     finally:

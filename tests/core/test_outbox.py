@@ -7,6 +7,7 @@ PostgreSQL database, where other tests' ledger servers run outbox workers of the
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -174,6 +175,37 @@ async def test_health_shows_only_the_class_of_the_workers_error(
     outbox = await eventually(failing)
     assert outbox["last_error"] == "RuntimeError"
     assert "s3cr3t" not in (await shop.get("/health")).text
+
+
+async def test_worker_logs_never_carry_a_webhook_urls_credentials(
+    database: Database,
+    database_url: str,
+    service: str,
+    outbox: Outbox,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A URL's query or user-info often is its credential: the log names the endpoint only."""
+    url = "http://hook-user:pa55w0rd@127.0.0.1:9/hooks?token=s3cr3t-t0ken"  # nothing listens
+    settings = settings_for(database_url, url, webhook_max_attempts=1)
+    event_id = await internal_id(database, await publish(database, outbox, 1))
+    worker = OutboxWorker(database, settings, service)
+    with caplog.at_level(logging.INFO, logger="keel"):
+        worker.start()
+        try:
+
+            async def failed() -> Any:
+                async with database.read() as conn:
+                    query = select(deliveries.c.state).where(
+                        deliveries.c.event_id == event_id, deliveries.c.state == "failed"
+                    )
+                    return (await conn.execute(query)).first()
+
+            await eventually(failed)
+        finally:
+            await asyncio.wait_for(worker.stop(), 5)
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert "127.0.0.1:9/hooks" in text  # the delivery's failure is logged...
+    assert "s3cr3t" not in text and "pa55w0rd" not in text  # ...without its credentials
 
 
 # --- the worker and its SQL ------------------------------------------------------------------

@@ -3,13 +3,15 @@ service's own middleware, alike whether the fast path or FastAPI serves the rout
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import APIRouter
+from fastapi import APIRouter, Body, Request
 from pydantic import BaseModel
 from starlette.middleware import Middleware
 from starlette.responses import Response
@@ -20,7 +22,7 @@ from keel.core import observability
 from keel.core.app import ServiceSpec, create_service_app
 from keel.core.fastpath import FastRoute
 from keel.core.observability import JsonFormatter, LoopBatchedHandler, TextFormatter
-from keel.core.platform import WriteKey
+from keel.core.platform import AdminKey, WriteKey
 
 router = APIRouter()
 
@@ -218,3 +220,131 @@ def test_a_route_the_fast_path_cannot_reproduce_is_refused_at_build() -> None:
         spec = ServiceSpec("odd", "odd", "", [odd], fast_routes=[FastRoute("GET", path)])
         with pytest.raises(ValueError, match=path):
             create_service_app(spec, ReferenceSettings(database_url="sqlite://"))
+
+
+async def test_access_lines_escape_unicode_line_breaks(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="keel.access"):
+        await client.get("/a%E2%80%A8b%E2%80%A9c%C2%A0d")  # LINE and PARAGRAPH SEPARATOR, NBSP
+    (record,) = [r for r in caplog.records if r.name == "keel.access"]
+    assert len(record.getMessage().splitlines()) == 1, record.getMessage()
+    assert "/a\\u2028b\\u2029c" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    "sent", ["req-1] GET /users/1 200 0.1ms", 'a"b', "a b", "a\\b", "x" * 129, "é"]
+)
+async def test_a_request_id_that_could_forge_a_log_line_is_replaced(
+    client: httpx.AsyncClient, sent: str
+) -> None:
+    response = await client.get("/plain", headers={"X-Request-ID": sent.encode("latin-1")})
+    rid = response.headers["x-request-id"]
+    assert rid != sent and " " not in rid and "]" not in rid
+
+
+@pytest.mark.parametrize("sent", ["req-1", "0af7651916cd43dd8448eb211c80319c", "a.b:c/d+e=_@"])
+async def test_a_plain_request_id_is_kept(client: httpx.AsyncClient, sent: str) -> None:
+    response = await client.get("/plain", headers={"X-Request-ID": sent})
+    assert response.headers["x-request-id"] == sent
+
+
+tricky = APIRouter()
+
+
+@tricky.post("/embedded")
+async def embedded(text: Annotated[str, Body(embed=True)], _key: WriteKey) -> Response:
+    return Response(text)
+
+
+lenient_router = APIRouter(strict_content_type=False)  # JSON without a Content-Type
+
+
+@lenient_router.post("/lenient")
+async def lenient(body: Echo, _key: WriteKey) -> Response:
+    return Response(body.text)
+
+
+@tricky.post("/raw")
+async def raw_too(body: Echo, request: Request, _key: WriteKey) -> Response:
+    return Response(await request.body())  # the raw body beside the parsed one
+
+
+@tricky.get("/things/special")
+async def special(_key: AdminKey) -> Response:
+    return Response(b"special")
+
+
+@tricky.get("/things/{thing_id}")
+async def thing(thing_id: int, _key: WriteKey) -> Response:
+    return Response(str(thing_id))
+
+
+@tricky.get("/names/{name}")
+async def name_first(name: str, _key: WriteKey) -> Response:
+    return Response(f"first {name}")
+
+
+@tricky.get("/names/{other}")
+async def name_second(other: str, _key: WriteKey) -> Response:
+    return Response(f"second {other}")
+
+
+@pytest.mark.parametrize(
+    ("route", "request_args"),
+    [
+        (FastRoute("POST", "/embedded"), ("POST", "/embedded", {"json": {"text": "hi"}})),
+        (FastRoute("POST", "/lenient"), ("POST", "/lenient", {"content": b'{"text": "hi"}'})),
+        (FastRoute("GET", "/things/{thing_id}"), ("GET", "/things/special", {})),
+        (FastRoute("GET", "/things/{thing_id}"), ("GET", "/things/7", {})),
+        (FastRoute("GET", "/names/{other}"), ("GET", "/names/x", {})),
+        (FastRoute("POST", "/raw"), ("POST", "/raw", {"json": {"text": "hi"}})),
+    ],
+    ids=[
+        "embedded-body",
+        "lenient-content-type",
+        "shadowed-by-an-earlier-literal-route",
+        "beside-an-earlier-literal-route",
+        "shadowed-by-an-earlier-parameter-route",
+        "endpoint-reads-the-body-again",
+    ],
+)
+async def test_a_fast_route_answers_as_fastapi_does_or_is_refused(
+    tmp_path: Path, route: FastRoute, request_args: tuple[str, str, dict[str, Any]]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'ref.db'}"
+    key = await prepare_reference_database(url)
+    answers = []
+    for fast in (False, True):
+        routers = [tricky, lenient_router]
+        spec = ServiceSpec("tricky", "tricky", "", routers, fast_routes=[route])
+        settings = ReferenceSettings(database_url=url, fast_path=fast, access_log=False)
+        try:
+            app = create_service_app(spec, settings)
+        except ValueError:
+            assert fast
+            return  # refused at build: fine
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app),
+                base_url="http://keel.test",
+                headers={"Authorization": f"Bearer {key}"},
+            ) as c,
+        ):
+            method, path, kwargs = request_args
+            async with asyncio.timeout(5):
+                response = await c.request(method, path, **kwargs)
+            answers.append((response.status_code, response.text))
+    assert answers[0] == answers[1]
+
+
+async def test_made_up_methods_cannot_grow_the_metrics_without_bound(
+    client: httpx.AsyncClient,
+) -> None:
+    """HTTP allows any token as a method (h11 serves them); each must not be a new label set."""
+    for n in range(50):
+        assert (await client.request(f"MADEUP{n}", "/plain")).status_code == 405
+    metrics = (await client.get("/metrics")).text
+    assert "MADEUP" not in metrics
+    assert 'method="OTHER"' in metrics

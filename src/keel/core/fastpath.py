@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, params
+from fastapi.datastructures import DefaultPlaceholder
 from fastapi.dependencies.utils import request_body_to_args, request_params_to_args
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -34,7 +35,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope
+from starlette.routing import Route
+from starlette.types import Message, Receive, Scope
 
 from keel.core.errors import render_exception
 
@@ -67,6 +69,7 @@ class _Plan:
     request_arg: str | None
     path_fields: list[Any]
     body_field: Any | None
+    passed_on: tuple[str, ...] = ()  # paths its template matches that an earlier route serves
 
 
 def compile_fast_routes(
@@ -74,10 +77,17 @@ def compile_fast_routes(
     wanted: Sequence[FastRoute],
     platform_dependency: Callable[..., Any],
 ) -> list[tuple[FastRoute, _Plan]]:
-    """Find each wanted route among ``routers`` and plan how to call its endpoint directly."""
+    """Find each wanted route among ``routers`` and plan how to call its endpoint directly.
+
+    ``routers`` come in the order FastAPI tries them: a route declared before a fast one that
+    takes some of its requests answers those instead, on both paths.
+    """
     by_key: dict[tuple[str, str], APIRoute] = {}
+    ordered: list[Route] = []
     for router in routers:
         for candidate in router.routes:
+            if isinstance(candidate, Route):
+                ordered.append(candidate)
             if isinstance(candidate, APIRoute):
                 for method in candidate.methods or ():
                     by_key.setdefault((method, candidate.path), candidate)
@@ -86,11 +96,42 @@ def compile_fast_routes(
         route = by_key.get((fast.method, fast.path))
         if route is None:
             raise ValueError(f"fast route {fast.method} {fast.path} has no FastAPI route")
-        plans.append((fast, _plan(route, platform_dependency)))
+        plans.append((fast, _plan(route, platform_dependency, _earlier(ordered, route, fast))))
     return plans
 
 
-def _plan(route: APIRoute, platform_dependency: Callable[..., Any]) -> _Plan:
+def _earlier(ordered: list[Route], route: APIRoute, fast: FastRoute) -> tuple[str, ...]:
+    """Literal paths of routes tried before ``route`` that its template also matches.
+
+    Those requests are left to FastAPI. An earlier route with parameters of its own that overlaps
+    is refused: which one FastAPI picks would depend on the path.
+    """
+    literal: list[str] = []
+    for other in ordered[: ordered.index(route)]:
+        if fast.method not in (other.methods or ()) or not _overlap(other.path, fast.path):
+            continue
+        if "{" in other.path:
+            raise ValueError(
+                f"fast route {fast.method} {fast.path}: {other.path}, declared before it,"
+                " takes some of its requests"
+            )
+        literal.append(other.path)
+    return tuple(literal)
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether some path matches both templates (a segment with a parameter matches anything)."""
+    left, right = a.split("/"), b.split("/")
+    if any(":path}" in part for part in left + right):
+        return True
+    return len(left) == len(right) and all(
+        x == y or "{" in x or "{" in y for x, y in zip(left, right, strict=True)
+    )
+
+
+def _plan(
+    route: APIRoute, platform_dependency: Callable[..., Any], passed_on: tuple[str, ...] = ()
+) -> _Plan:
     dep = route.dependant
     name = f"{sorted(route.methods or ())} {route.path}"
     unsupported = [
@@ -103,6 +144,7 @@ def _plan(route: APIRoute, platform_dependency: Callable[..., Any]) -> _Plan:
         dep.http_connection_param_name,
         len(dep.body_params) > 1,
         any(isinstance(field.field_info, params.Form) for field in dep.body_params),
+        _lenient(route) and dep.body_params,  # JSON without a Content-Type: not read that way here
     ]
     if any(unsupported) or not inspect.iscoroutinefunction(route.endpoint):
         raise ValueError(f"{name}: only path, JSON body and keel dependencies can be fast")
@@ -125,7 +167,13 @@ def _plan(route: APIRoute, platform_dependency: Callable[..., Any]) -> _Plan:
         request_arg=dep.request_param_name,
         path_fields=list(dep.path_params),
         body_field=dep.body_params[0] if dep.body_params else None,
+        passed_on=passed_on,
     )
+
+
+def _lenient(route: APIRoute) -> bool:
+    strict = route.strict_content_type
+    return not (strict.value if isinstance(strict, DefaultPlaceholder) else strict)
 
 
 def _returns_response(endpoint: Callable[..., Any]) -> bool:
@@ -156,7 +204,7 @@ class FastPath:
             return found, {}
         for route_method, pattern, candidate in self._patterned:
             matched = pattern.match(path) if route_method == method else None
-            if matched:
+            if matched and path not in candidate[1].passed_on:
                 return candidate, matched.groupdict()
         return None
 
@@ -178,7 +226,9 @@ async def _call(plan: _Plan, params: dict[str, str], scope: Scope, receive: Rece
     headers = Headers(scope=scope)
     body: Any = Undefined
     if plan.body_field is not None:
-        body = await _json_body(headers, receive)
+        raw = await _read_body(receive)
+        body = _json_body(headers, raw)
+        receive = _replay(raw, receive)  # an endpoint reading it again gets it, as from FastAPI
     plat = scope["app"].state.platform
     values: dict[str, Any] = {}
     for arg in plan.platform_args:
@@ -200,9 +250,8 @@ async def _call(plan: _Plan, params: dict[str, str], scope: Scope, receive: Rece
     return await plan.endpoint(**values)
 
 
-async def _json_body(headers: Headers, receive: Receive) -> Any:
+def _json_body(headers: Headers, raw: bytes) -> Any:
     """The body as FastAPI hands it to validation: JSON-decoded only with a JSON content type."""
-    raw = await _read_body(receive)
     if not raw:
         return Undefined
     content_type = headers.get("content-type")
@@ -239,6 +288,16 @@ def _is_json(content_type: str) -> bool:
         if len(_JSON_TYPES) < 256:  # clients send a handful of spellings; never grow unbounded
             _JSON_TYPES[content_type] = known
     return known
+
+
+def _replay(raw: bytes, receive: Receive) -> Receive:
+    """``receive`` that first hands out the body already read, then passes on (disconnects)."""
+    pending = [{"type": "http.request", "body": raw, "more_body": False}]
+
+    async def replayed() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replayed
 
 
 async def _read_body(receive: Receive) -> bytes:

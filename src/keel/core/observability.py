@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import secrets
 import sys
 import time
@@ -204,11 +205,15 @@ def configure_logging(fmt: str, level: str) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)  # /ready inspects migrations often
 
 
+# What request ids are made of (UUIDs, hex, base64, dotted trace ids): no space, quote, bracket
+# or backslash, so a client's id cannot end a text line's ``[request id]`` field and forge the rest.
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}")
+
+
 def request_id_from(value: bytes) -> str:
     """The client's ``X-Request-ID`` when it is a sane one, else a new id."""
-    candidate = value.decode("latin-1")
-    if 0 < len(candidate) <= 128 and candidate.isprintable():
-        return candidate
+    if _REQUEST_ID.fullmatch(value):
+        return value.decode("ascii")
     return new_request_id()
 
 
@@ -228,8 +233,17 @@ _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 
 
 def printable(text: str) -> str:
-    """``text`` with control characters escaped as ``\\xNN``."""
-    return text if text.isprintable() else text.translate(_CONTROL)
+    """``text`` with control characters escaped as ``\\xNN``, other unprintable ones as ``\\uNNNN``.
+
+    The others include U+2028 and U+2029, which many log readers take for line ends.
+    """
+    if text.isprintable():
+        return text
+    text = text.translate(_CONTROL)
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 
 
 class AccessLog:
@@ -258,7 +272,8 @@ class AccessLog:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         method = scope["method"]
-        self._count(method, template, status, elapsed)
+        # Any token is a method to HTTP (h11 serves them all): the rest share one label set.
+        self._count(method if method in _METHODS else "OTHER", template, status, elapsed)
         if self.enabled and self._sampled(method, template, status, elapsed):
             self._write(method, printable(scope["path"]), status, elapsed, rid)
 

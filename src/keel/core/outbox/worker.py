@@ -36,6 +36,7 @@ import logging
 from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from prometheus_client import Counter
@@ -94,9 +95,22 @@ async def post_delivery(
     except httpx.HTTPError as exc:
         return Outcome(claimed, None, f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # e.g. a malformed URL: one bad delivery must not sink the batch
-        log.warning("delivery %d to %s failed: %r", claimed.id, claimed.url, exc)
+        # the class only: a malformed URL's message quotes the URL, credential and all
+        name = type(exc).__name__
+        log.warning("delivery %d to %s failed: %s", claimed.id, endpoint(claimed.url), name)
         return Outcome(claimed, None, f"{type(exc).__name__}: {exc}")
     return Outcome(claimed, status, None if 200 <= status < 300 else f"HTTP {status}")
+
+
+def endpoint(url: str) -> str:
+    """``url`` for a log line: without user-info, query or fragment, where its credential lives."""
+    try:
+        parts = urlsplit(url)
+        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        return "(an unparsable URL)"
+    return urlunsplit((parts.scheme, host + port, parts.path, "", ""))
 
 
 def _observe(service: str, outcome: Outcome, label: str) -> None:
@@ -109,7 +123,7 @@ def _observe(service: str, outcome: Outcome, label: str) -> None:
             claimed.id,
             claimed.event_id,
             claimed.attempt,
-            claimed.url,
+            endpoint(claimed.url),
             outcome.error,
             "giving up" if label == "failed" else "will retry",
         )
