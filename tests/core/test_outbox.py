@@ -24,6 +24,7 @@ from keel.core.app import ServiceSpec, create_service_app
 from keel.core.database import Database
 from keel.core.maintenance import run_if_due
 from keel.core.outbox import Outbox, WebhookSettings, store
+from keel.core.outbox import service as outbox_service
 from keel.core.outbox.service import purge_job
 from keel.core.outbox.signatures import sign, verify_signature
 from keel.core.outbox.store import (
@@ -510,3 +511,18 @@ def test_retry_delay_grows_exponentially_with_jitter_and_a_cap() -> None:
 def test_a_lease_shorter_than_the_request_timeout_is_refused(lease: float) -> None:
     with pytest.raises(ValueError, match="webhook_lease_seconds"):
         ShopSettings(webhook_timeout_seconds=5.0, webhook_lease_seconds=lease)
+
+
+async def test_health_reads_the_backlog_at_most_once_a_ttl(
+    database: Database, outbox: Outbox, service: str
+) -> None:
+    """An unauthenticated flood of /health costs one summary read a second, not one each."""
+    now = [100.0]
+    summaries = outbox_service.SummaryCache(ttl=1.0, clock=lambda: now[0])
+    first = await outbox_service.health(database, None, service, summaries)
+    await publish(database, outbox, 1)
+    cached = await outbox_service.health(database, None, service, summaries)
+    assert cached == first  # within the ttl: the event published since is not counted yet
+    now[0] += 1.0
+    fresh = await outbox_service.health(database, None, service, summaries)
+    assert fresh["outbox"]["undispatched_events"] == first["outbox"]["undispatched_events"] + 1

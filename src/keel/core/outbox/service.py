@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -46,7 +48,40 @@ def purge_job(settings: WebhookSettings, service: str) -> PeriodicJob:
     return PeriodicJob(name=f"{service}:outbox-purge", chunks=[delivered, settled])
 
 
-async def health(database: Database, worker: OutboxWorker | None, service: str) -> dict[str, Any]:
+class SummaryCache:
+    """The outbox summary of ``/health``, read at most once a second per service and process.
+
+    ``/health`` needs no key, and the summary runs three capped counts: without this, a flood of
+    health checks would cost the database three counts each.
+    """
+
+    def __init__(self, ttl: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self._entries: dict[tuple[int, str], tuple[float, dict[str, Any]]] = {}
+        self._lock = asyncio.Lock()
+
+    async def summary(self, database: Database, service: str) -> dict[str, Any]:
+        key = (id(database), service)
+        async with self._lock:  # concurrent checks wait for one read instead of each reading
+            cached = self._entries.get(key)
+            if cached is not None and self.clock() - cached[0] < self.ttl:
+                return cached[1]
+            async with database.read() as conn:
+                summary = await store.outbox_summary(conn, service, datetime.now(UTC))
+            self._entries[key] = (self.clock(), summary)
+            return summary
+
+
+_SUMMARIES = SummaryCache()
+
+
+async def health(
+    database: Database,
+    worker: OutboxWorker | None,
+    service: str,
+    summaries: SummaryCache = _SUMMARIES,
+) -> dict[str, Any]:
     """The webhook backlog and the worker's state; an error shows as its class only."""
     state: dict[str, Any] = {"worker": "disabled"}
     if worker is not None:
@@ -54,8 +89,7 @@ async def health(database: Database, worker: OutboxWorker | None, service: str) 
         if worker.last_error is not None:
             state["last_error"] = worker.last_error
     try:
-        async with database.read() as conn:
-            summary = await store.outbox_summary(conn, service, datetime.now(UTC))
+        summary = await summaries.summary(database, service)
     except Exception as exc:  # health reports the failure rather than failing itself
         summary = {"error": type(exc).__name__}
     return {"outbox": {**summary, **state}}
