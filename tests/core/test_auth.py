@@ -213,3 +213,47 @@ async def test_an_overlong_key_is_refused_without_a_lookup(database: Database) -
     with pytest.raises(Unauthorized):
         await verifier.authenticate(bearer("keel_" + "x" * 10_000), Scope.READ)
     assert verifier.lookups == 0 and len(verifier._unknown) == 0
+
+
+class GatedVerifier(ApiKeyVerifier):
+    """Holds every database lookup at a gate, counting how many are held at once."""
+
+    def __init__(self, database: Database, **options: Any) -> None:
+        super().__init__(database, CACHE_SECONDS, **options)
+        self.gate = asyncio.Event()
+        self.waiting = 0
+        self.most_at_once = 0
+
+    async def _fetch(self, digest: bytes) -> ApiKey | None:
+        self.waiting += 1
+        self.most_at_once = max(self.most_at_once, self.waiting)
+        await self.gate.wait()
+        self.waiting -= 1
+        return await super()._fetch(digest)
+
+
+async def test_a_flood_of_random_keys_holds_few_connections_and_known_keys_still_refresh(
+    database: Database, make_key: Callable[..., Any], clock: Clock
+) -> None:
+    verifier = GatedVerifier(database, max_new_lookups=3)
+    raw = await make_key(Scope.WRITE)
+    verifier.gate.set()
+    known = await verifier.authenticate(bearer(raw), Scope.WRITE)
+    verifier.gate.clear()
+    bogus = [
+        asyncio.ensure_future(verifier.authenticate(bearer(f"keel_{n:08x}_bogus"), Scope.READ))
+        for n in range(50)
+    ]
+    while verifier.waiting < 3:  # the first three reach the database; the rest queue
+        await asyncio.sleep(0)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert verifier.most_at_once == 3
+    refresh = verifier._refresh(raw)  # a known key's refresh does not queue behind the flood
+    while verifier.waiting < 4:
+        await asyncio.sleep(0)
+    verifier.gate.set()
+    assert await refresh == known
+    results = await asyncio.gather(*bogus, return_exceptions=True)
+    assert all(isinstance(r, Unauthorized) for r in results)
+    assert verifier.most_at_once == 4

@@ -132,6 +132,9 @@ class ApiKeyVerifier:
     Each cache holds at most ``max_entries``, oldest out first: random bogus keys cost a lookup
     each, but cannot grow memory or push the real keys out. Concurrent misses for one key share
     a single lookup, so an expiring entry does not send every in-flight request to the pool.
+    At most ``max_new_lookups`` lookups of keys not seen before run at once per process (the
+    rest queue), so a flood of random keys holds a few database connections, never the whole
+    pool that known keys' requests need; refreshes of known keys never wait behind it.
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class ApiKeyVerifier:
         negative_cache_seconds: float = 1.0,
         *,
         max_entries: int = 10_000,
+        max_new_lookups: int = 4,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._database = database
@@ -150,6 +154,7 @@ class ApiKeyVerifier:
         self._known = _ExpiringCache(max_entries)
         self._unknown = _ExpiringCache(max_entries)
         self._fetching: dict[str, asyncio.Future[ApiKey | None]] = {}
+        self._new_lookups = asyncio.Semaphore(max_new_lookups)
 
     async def authenticate(self, headers: Headers, required: Scope) -> ApiKey:
         """Return the caller's key or raise 401 (missing/invalid) or 403 (scope too small)."""
@@ -179,22 +184,26 @@ class ApiKeyVerifier:
             if unknown is not None and unknown[0] > now:
                 return None
         # shield: one waiter giving up must not cancel the lookup the others wait for
-        return await asyncio.shield(self._refresh(raw))
+        return await asyncio.shield(self._refresh(raw, new=known is None))
 
-    def _refresh(self, raw: str) -> asyncio.Future[ApiKey | None]:
+    def _refresh(self, raw: str, new: bool = False) -> asyncio.Future[ApiKey | None]:
         """The one lookup of ``raw`` in flight, started if there is none."""
         fetching = self._fetching.get(raw)
         if fetching is None:
-            fetching = asyncio.ensure_future(self._fetch_and_cache(raw))
+            fetching = asyncio.ensure_future(self._fetch_and_cache(raw, new))
             # A background refresh may fail (database away) with nobody awaiting it: the next
             # request that needs the key looks it up again, and sees the error then.
             fetching.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._fetching[raw] = fetching
         return fetching
 
-    async def _fetch_and_cache(self, raw: str) -> ApiKey | None:
+    async def _fetch_and_cache(self, raw: str, new: bool) -> ApiKey | None:
         try:
-            key = await self._fetch(hash_key(raw))
+            if new:
+                async with self._new_lookups:
+                    key = await self._fetch(hash_key(raw))
+            else:
+                key = await self._fetch(hash_key(raw))
         finally:
             del self._fetching[raw]
         now = self._clock()
