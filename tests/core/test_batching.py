@@ -151,15 +151,12 @@ async def test_ready_is_503_while_the_ledger_committer_is_down(
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
 
 
-def postgres_only(backend: str) -> None:
-    if backend != "postgres":
-        pytest.skip("needs PostgreSQL (SQLite runs a batch without yielding to the loop)")
+# SQLite runs a batch without yielding to the loop, so these need PostgreSQL.
+postgres_only = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 
 
-async def test_submit_waits_no_longer_than_its_timeout(
-    backend: str, database: Database, table: str
-) -> None:
-    postgres_only(backend)
+@postgres_only
+async def test_submit_waits_no_longer_than_its_timeout(database: Database, table: str) -> None:
     insert = inserting(table)
 
     def slow(conn: Connection, items: list[int]) -> list[int]:
@@ -185,9 +182,9 @@ async def test_submit_waits_no_longer_than_its_timeout(
     assert await stored(database, table) == [1]  # the stalled one did commit after all
 
 
-async def test_deadlocked_batch_runs_again(backend: str, database: Database, table: str) -> None:
+@postgres_only
+async def test_deadlocked_batch_runs_again(database: Database, table: str) -> None:
     """Two committers (as two processes) lock two rows in crossed order: a real 40P01."""
-    postgres_only(backend)
     async with database.write() as conn:
         await conn.execute(text(f"INSERT INTO {table} (id, v) VALUES (1, 0), (2, 0)"))
     locked = {1: asyncio.Event(), 2: asyncio.Event()}
