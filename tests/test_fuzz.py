@@ -247,3 +247,15 @@ def test_problem_responses_are_documented_as_problem_json() -> None:
                     if int(status) >= 400:
                         assert list(entry["content"]) == [PROBLEM_JSON], (name, method, path)
                         assert documented_codes(entry), (name, method, path, status)
+
+
+def test_no_parameter_admits_a_null() -> None:
+    """An optional parameter may be absent; a query string cannot carry null. A schema that
+    admits one lets a fuzzer's 'invalid' value serialise to nothing and be rightly accepted."""
+    for name in SERVICES:
+        document = service_app(name).openapi()
+        for path, operations in document["paths"].items():
+            for method, operation in operations.items():
+                for parameter in operation.get("parameters", []):
+                    schema = parameter["schema"]
+                    assert {"type": "null"} not in schema.get("anyOf", []), (name, method, path)

@@ -106,6 +106,21 @@ def document_operation(operation: dict[str, Any], route: Any) -> None:
     scope = route_scope(route)
     if scope is not None:
         operation["security"] = [{name: [scope]} for name in SECURITY_SCHEMES]
+    for parameter in operation.get("parameters", []):
+        _not_nullable(parameter)
+
+
+def _not_nullable(parameter: dict[str, Any]) -> None:
+    """An optional parameter is one that may be absent: a query string cannot carry a null.
+
+    FastAPI writes ``X | None = None`` as ``anyOf: [X, {type: null}]``; that admits a value no
+    client can send, and lets a fuzzer's "invalid" value serialise to nothing at all.
+    """
+    schema = parameter.get("schema", {})
+    choices = [c for c in schema.get("anyOf", []) if c != {"type": "null"}]
+    if "anyOf" in schema and len(choices) == 1:
+        del schema["anyOf"]
+        schema.update(choices[0])
 
 
 def platform_errors(route: Any) -> list[type[KeelError]]:
