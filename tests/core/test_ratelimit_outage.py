@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from keel.core.database import Database, create_engine
 from keel.core.errors import RateLimited
-from keel.core.ratelimit import Breaker, RateLimiter
+from keel.core.ratelimit import REDIS_CONNECTIONS_PER_PROCESS, Breaker, RateLimiter
 from keel.ledger.registration import MIGRATIONS as LEDGER_MIGRATIONS
 from keel.ledger.settings import LedgerSettings
 from tests import backends
@@ -238,3 +238,21 @@ def test_a_flapping_redis_logs_a_line_per_ten_seconds_not_per_outage(
     assert "answering again after 1.0s" in lines[1]
     # The next start logged (t=12 s) counts the ones it stood in for (t=2, 4, 6, 8, 10 s).
     assert "5 more short outages since the last line" in lines[2]
+
+
+async def test_a_burst_of_checks_holds_a_bounded_number_of_redis_connections(
+    private_redis: PrivateRedis,
+) -> None:
+    """A burst of concurrent requests must not open a Redis connection each: a slow Redis would
+    otherwise be pushed to its client limit by one process, failing every host's limits open."""
+    namespace = f"test-{uuid.uuid4().hex}"
+    limiter = RateLimiter("100000/minute", private_redis.url, namespace)
+    watcher = aioredis.from_url(private_redis.url)
+    try:
+        await asyncio.gather(*(limiter.check(f"k{n % 7}") for n in range(150)))
+        info = await watcher.info("clients")
+        assert info["connected_clients"] - 1 <= REDIS_CONNECTIONS_PER_PROCESS  # 1: the watcher
+        assert _counts(namespace) == (0, 0)  # every check was counted in Redis, none failed open
+    finally:
+        await watcher.aclose()
+        await limiter.close()

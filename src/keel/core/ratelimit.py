@@ -98,13 +98,24 @@ class LocalLimit:
         self._swept = index
 
 
+# A burst of requests shares these; past them a check waits (within its time budget) for one.
+REDIS_CONNECTIONS_PER_PROCESS = 32
+
+
 class RedisBackend:
     """limits' counters in Redis, with short timeouts and no retries (the caller fails open)."""
 
     def __init__(self, url: str, namespace: str, timeout: float) -> None:
         self.timeout = timeout
-        self._pool = aioredis.ConnectionPool.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+        # Bounded: a slow Redis must not collect a connection per request in flight, up to its
+        # client limit, which would fail every host's limits open.
+        self._pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=REDIS_CONNECTIONS_PER_PROCESS,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
         )
         self._client = aioredis.Redis(connection_pool=self._pool)
         # limits types its options as scalars, but hands connection_pool to redis-py as is
