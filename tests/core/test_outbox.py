@@ -37,7 +37,14 @@ from keel.core.outbox.store import (
 from keel.core.outbox.tables import deliveries, events
 from keel.core.outbox.worker import OutboxWorker
 from keel.core.platform import PlatformDep, WriteKey
-from tests.support.webhooks import SECRET, Receiver, eventually, running_receiver
+from tests.support.webhooks import (
+    SECRET,
+    Receiver,
+    delivery_row,
+    eventually,
+    in_state,
+    running_receiver,
+)
 
 EVENT = "order.placed"
 
@@ -90,16 +97,6 @@ async def internal_id(database: Database, event_id: uuid.UUID) -> int:
     async with database.read() as conn:
         query = select(events.c.id).where(events.c.event_id == event_id)
         return int((await conn.execute(query)).scalar_one())
-
-
-async def delivery_row(database: Database, delivery_id: int) -> Any:
-    async with database.read() as conn:
-        return (await conn.execute(select(deliveries).where(deliveries.c.id == delivery_id))).one()
-
-
-async def in_state(database: Database, delivery_id: int, state: str) -> Any:
-    row = await delivery_row(database, delivery_id)
-    return row if row.state == state else None
 
 
 # --- a service of its own on the core --------------------------------------------------------

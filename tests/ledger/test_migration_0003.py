@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from alembic import command
 from sqlalchemy import inspect, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keel.core.chains import CORE_CHAIN
 from keel.core.database import Database, create_engine
@@ -41,6 +42,31 @@ def _to(conn: Connection, heads: dict[str, str]) -> None:
     chains = {"core": CORE_CHAIN, "ledger": MIGRATIONS}
     for chain, revision in heads.items():
         command.upgrade(alembic_config(chains[chain], conn), revision)
+
+
+async def _publish_and_deliver(conn: AsyncConnection, n: int) -> tuple[int, int]:
+    """Publish one event after the move and give it a delivery: their new internal ids."""
+    fresh = await Outbox("ledger", ["transaction.posted"]).publish_async(
+        conn, "transaction.posted", {"id": n}
+    )
+    fresh_id = (
+        await conn.execute(select(events.c.id).where(events.c.event_id == fresh))
+    ).scalar_one()
+    delivery_id = (
+        await conn.execute(
+            deliveries.insert()
+            .values(
+                service="ledger",
+                event_id=fresh_id,
+                url="https://a.test/",
+                state="pending",
+                next_attempt_at=T0,
+                created_at=T0,
+            )
+            .returning(deliveries.c.id)
+        )
+    ).scalar_one()
+    return int(fresh_id), int(delivery_id)
 
 
 _DATES = ("created_at", "dispatched_at", "next_attempt_at", "delivered_at")
@@ -140,26 +166,7 @@ async def test_an_existing_ledger_outbox_moves_into_the_core(old_url: str) -> No
         assert [json.loads(d.payload)["id"] for d in sent] == [101, 102, 102]
         # New rows continue after the copied ones on both engines (PostgreSQL's sequences moved).
         async with database.write() as conn:
-            fresh = await Outbox("ledger", ["transaction.posted"]).publish_async(
-                conn, "transaction.posted", {"id": 104}
-            )
-            fresh_id = (
-                await conn.execute(select(events.c.id).where(events.c.event_id == fresh))
-            ).scalar_one()
-            delivery_id = (
-                await conn.execute(
-                    deliveries.insert()
-                    .values(
-                        service="ledger",
-                        event_id=fresh_id,
-                        url="https://a.test/",
-                        state="pending",
-                        next_attempt_at=T0,
-                        created_at=T0,
-                    )
-                    .returning(deliveries.c.id)
-                )
-            ).scalar_one()
+            fresh_id, delivery_id = await _publish_and_deliver(conn, 104)
         assert fresh_id > max(e.id for e in moved)
         assert delivery_id > max(d.id for d in sent)
     finally:
@@ -211,26 +218,7 @@ async def test_no_id_handed_out_before_the_move_is_handed_out_again(
         await upgrade(old_url, [MIGRATIONS])
         async with database.write() as conn:
             moved = (await conn.execute(select(events.c.id))).scalars().all()
-            fresh = await Outbox("ledger", ["transaction.posted"]).publish_async(
-                conn, "transaction.posted", {"id": 6}
-            )
-            fresh_id = (
-                await conn.execute(select(events.c.id).where(events.c.event_id == fresh))
-            ).scalar_one()
-            delivery_id = (
-                await conn.execute(
-                    deliveries.insert()
-                    .values(
-                        service="ledger",
-                        event_id=fresh_id,
-                        url="https://a.test/",
-                        state="pending",
-                        next_attempt_at=T0,
-                        created_at=T0,
-                    )
-                    .returning(deliveries.c.id)
-                )
-            ).scalar_one()
+            fresh_id, delivery_id = await _publish_and_deliver(conn, 6)
         assert min(moved) > 3  # the other service's purged events had ids 1..3
         assert fresh_id > 3 + old_top  # nor the ledger's purged ones, wherever the move put them
         assert delivery_id > old_top  # 4 and 5 went out as Keel-Delivery-Id before the move

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 
 from keel.core.auth import Scope
 from keel.core.database import Database
@@ -23,7 +23,14 @@ from keel.ledger.registration import MIGRATIONS
 from keel.ledger.settings import LedgerSettings
 from tests import backends
 from tests.ledger.helpers import deposit, new_user
-from tests.support.webhooks import SECRET, Receiver, counter, eventually, running_receiver
+from tests.support.webhooks import (
+    SECRET,
+    Receiver,
+    counter,
+    eventually,
+    in_state,
+    running_receiver,
+)
 
 # --- a database of this module's own ------------------------------------------------------------
 
@@ -75,16 +82,6 @@ def settings_for(database_url: str, url: str, **overrides: Any) -> LedgerSetting
 def ledger_settings(database_url: str, receiver: Receiver) -> LedgerSettings:
     """The ledger app of these tests sends its webhooks to this test's receiver."""
     return settings_for(database_url, receiver.url)
-
-
-async def delivery_row(database: Database, delivery_id: int) -> Any:
-    async with database.read() as conn:
-        return (await conn.execute(select(deliveries).where(deliveries.c.id == delivery_id))).one()
-
-
-async def in_state(database: Database, delivery_id: int, state: str) -> Any:
-    row = await delivery_row(database, delivery_id)
-    return row if row.state == state else None
 
 
 # --- the tests ---------------------------------------------------------------------------------

@@ -13,10 +13,14 @@ from typing import Any, TypeVar
 
 import uvicorn
 from prometheus_client import REGISTRY
+from sqlalchemy import select
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from keel.core.database import Database
+from keel.core.outbox.tables import deliveries
 
 SECRET = "test-webhook-secret"
 DEADLINE = 20.0  # seconds any awaited condition may take before the test fails
@@ -125,3 +129,15 @@ async def running_receiver() -> AsyncIterator[Receiver]:
         rx.release.set()
         server.should_exit = True
         await asyncio.wait_for(serving, DEADLINE)
+
+
+async def delivery_row(database: Database, delivery_id: int) -> Any:
+    """One webhook delivery's row, read from the database."""
+    async with database.read() as conn:
+        return (await conn.execute(select(deliveries).where(deliveries.c.id == delivery_id))).one()
+
+
+async def in_state(database: Database, delivery_id: int, state: str) -> Any:
+    """The delivery's row if it is in ``state`` (for ``eventually``), else None."""
+    row = await delivery_row(database, delivery_id)
+    return row if row.state == state else None

@@ -225,10 +225,10 @@ async def _call(plan: _Plan, params: dict[str, str], scope: Scope, receive: Rece
     # then validate path parameters and the body, reporting every validation error at once.
     headers = Headers(scope=scope)
     body: Any = Undefined
+    raw = b""
     if plan.body_field is not None:
         raw = await _read_body(receive)
         body = _json_body(headers, raw)
-        receive = _replay(raw, receive)  # an endpoint reading it again gets it, as from FastAPI
     plat = scope["app"].state.platform
     values: dict[str, Any] = {}
     for arg in plan.platform_args:
@@ -246,6 +246,8 @@ async def _call(plan: _Plan, params: dict[str, str], scope: Scope, receive: Rece
     if errors:
         raise RequestValidationError(errors, body=body)
     if plan.request_arg is not None:
+        if plan.body_field is not None:  # reading it again gets the body, as from FastAPI
+            receive = _replay(raw, receive)
         values[plan.request_arg] = Request(scope, receive)
     return await plan.endpoint(**values)
 
