@@ -12,8 +12,8 @@ import pytest
 from keel.core.auth import Scope, create_api_key
 from keel.core.database import Database, create_engine
 from keel.ledger.app import create_app
-from keel.ledger.registration import MIGRATIONS as LEDGER_MIGRATIONS
 from keel.ledger.settings import LedgerSettings
+from keel.registry import services
 from tests import backends
 
 _AVAILABILITY: dict[str, str | None] = {}
@@ -39,6 +39,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             terminalreporter.write_line(f"{name}: {why}")
 
 
+# Every registered service's tables: the shared databases serve every service's tests.
+ALL_CHAINS = [entry.migrations for entry in services().values()]
+
+
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest) -> str:
     name: str = request.param
@@ -57,16 +61,16 @@ def redis_url() -> str:
 def postgres_url() -> Iterator[str]:
     """One migrated PostgreSQL database for the session; tests own their rows in it."""
     backends.require("postgres", _AVAILABILITY.get("postgres"))
-    yield from backends.migrated_postgres_database([LEDGER_MIGRATIONS])
+    yield from backends.migrated_postgres_database(ALL_CHAINS)
 
 
 @pytest.fixture
 def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
-    """A migrated ledger database: a fresh SQLite file, or the session's PostgreSQL database."""
+    """Every service's tables: a fresh SQLite file, or the session's PostgreSQL database."""
     if backend == "postgres":
         url: str = request.getfixturevalue("postgres_url")
         return url
-    return backends.migrated_sqlite_url(tmp_path, [LEDGER_MIGRATIONS])
+    return backends.migrated_sqlite_url(tmp_path, ALL_CHAINS)
 
 
 @pytest.fixture

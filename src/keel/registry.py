@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 REGISTERED: tuple[str, ...] = (
     "keel.ledger.registration:SERVICE",
+    "keel.firehose.registration:SERVICE",
 )  # fmt: skip
 
 

@@ -1,0 +1,1 @@
+"""The firehose: durable, high-throughput event ingestion (DESIGN.md, "firehose")."""

@@ -1,0 +1,67 @@
+"""The store as its own buffer: each group commit writes the events straight into the store.
+
+The embedded default. With a SQLite store, a separate buffer would be a second copy of every
+event in a file on the same disk, written in the same kind of transaction; so the group commit
+writes into ``firehose_events`` itself, and a 202 means the event is in the store (committed with
+``synchronous=FULL``). Nothing is buffered between a reply and the store, so depth is always 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy.engine import Connection
+
+from keel.core.batching import GroupCommitter
+from keel.core.database import Database
+from keel.firehose.buffers.base import Buffer, BufferHealth
+from keel.firehose.events import EventRow
+from keel.firehose.settings import FirehoseSettings
+from keel.firehose.store import insert_rows
+
+
+def _write_events(conn: Connection, requests: list[Sequence[EventRow]]) -> list[None]:
+    insert_rows(conn, [row for rows in requests for row in rows])
+    return [None] * len(requests)
+
+
+class DirectBuffer(Buffer):
+    kind = "direct"
+
+    def __init__(self, database: Database, settings: FirehoseSettings) -> None:
+        self._database = database
+        self._settings = settings
+        self._committer: GroupCommitter[Sequence[EventRow], None] = GroupCommitter(
+            name="firehose-ingest",
+            database=database,
+            apply=_write_events,
+            max_batch=settings.max_batch,
+        )
+
+    async def start(self) -> None:
+        self._committer.start()
+
+    async def append(self, rows: Sequence[EventRow]) -> None:
+        await self._committer.submit(rows)
+
+    async def stop(self) -> None:
+        await self._committer.stop()
+
+    async def health(self) -> BufferHealth:
+        durable = (
+            "the store itself: a 202 survives a crash and power loss (SQLite synchronous="
+            f"{self._settings.sqlite_synchronous})"
+            if self._database.is_sqlite
+            else "the store itself: a 202 is committed in PostgreSQL"
+        )
+        return BufferHealth(
+            kind=self.kind,
+            depth=0,
+            oldest_age_seconds=None,
+            max_events=self._settings.write_queue_max,
+            durability=durable,
+            extra={"requests_waiting": self._committer.queue_depth},
+        )
+
+    def unready(self) -> str | None:
+        return self._committer.unready()

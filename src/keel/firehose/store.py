@@ -1,0 +1,180 @@
+"""Writing events into the store, exactly once each, and setting aside what the store refuses.
+
+Every path into ``firehose_events`` (the direct group commit, the spool and Redis writers, a
+dead-letter replay) inserts with ``ON CONFLICT (event_id) DO NOTHING``: a buffer may hand the
+same event over twice (a writer that died between the store's commit and its acknowledgement),
+and a client may send it twice; either way it is stored once.
+
+A batch the store refuses for its data (PostgreSQL refuses ``\\u0000`` in JSONB, for one) is split
+in halves until the refused events stand alone; those go to ``firehose_dead_letters`` with the
+store's reason, and the rest are stored. Any other failure (the store is down) raises, and the
+events stay in their buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+
+from keel.core.database import Database
+from keel.core.errors import sqlstate_of
+from keel.firehose.events import EventRow, now_us
+
+log = logging.getLogger("keel.firehose")
+
+COLUMNS = (
+    "event_id",
+    "user_id",
+    "name",
+    "timestamp_us",
+    "original_timestamp_us",
+    "sent_at_us",
+    "received_at_us",
+    "metadata",
+)
+_SQLITE_INSERT = (
+    "INSERT INTO firehose_events"
+    " (event_id, user_id, name, timestamp_us, original_timestamp_us,"
+    " sent_at_us, received_at_us, metadata)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING"
+)
+_PG_INSERT = (
+    "INSERT INTO firehose_events"
+    " (event_id, user_id, name, timestamp_us, original_timestamp_us,"
+    " sent_at_us, received_at_us, metadata)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING"
+)
+_PG_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS firehose_staging ("
+    " event_id uuid, user_id text, name text, timestamp_us bigint,"
+    " original_timestamp_us bigint, sent_at_us bigint, received_at_us bigint, metadata jsonb"
+    ") ON COMMIT DELETE ROWS"
+)
+_PG_FROM_STAGING = (
+    "INSERT INTO firehose_events (event_id, user_id, name, timestamp_us,"
+    " original_timestamp_us, sent_at_us, received_at_us, metadata)"
+    " SELECT event_id, user_id, name, timestamp_us,"
+    " original_timestamp_us, sent_at_us, received_at_us, metadata"
+    " FROM firehose_staging ON CONFLICT (event_id) DO NOTHING"
+)
+_DEAD_LETTER_SQLITE = (
+    "INSERT INTO firehose_dead_letters (event_id, event, reason, failed_at_us) VALUES (?, ?, ?, ?)"
+)
+_DEAD_LETTER_PG = (
+    "INSERT INTO firehose_dead_letters (event_id, event, reason, failed_at_us)"
+    " VALUES ($1, $2, $3, $4)"
+)
+
+
+def refused_for_its_data(exc: BaseException) -> bool:
+    """Whether the store refused the rows themselves (SQLSTATE class 22, data exception)."""
+    state = sqlstate_of(exc)
+    return state is not None and state.startswith("22")
+
+
+def event_json(row: EventRow) -> str:
+    """The event as JSON text, as a dead letter keeps it and a replay decodes it again."""
+    body: dict[str, Any] = row._asdict()
+    body["event_id"] = str(row.event_id)
+    body["metadata"] = row.metadata  # text: JSON the store could not take may not parse back
+    return json.dumps(body)
+
+
+def row_from_json(text: str) -> EventRow:
+    body = json.loads(text)
+    from uuid import UUID
+
+    body["event_id"] = UUID(body["event_id"])
+    return EventRow(**body)
+
+
+def insert_rows(conn: Connection, rows: Sequence[EventRow]) -> None:
+    """Insert ``rows`` inside the caller's transaction (the direct buffer's group commit).
+
+    Refused rows are dead-lettered in the same transaction, each tried under a savepoint.
+    """
+    driver = conn.connection.driver_connection
+    if isinstance(driver, sqlite3.Connection):  # Database.run_write's plain connection
+        driver.executemany(_SQLITE_INSERT, [_sqlite_values(row) for row in rows])
+        return
+    try:
+        with conn.begin_nested():
+            conn.exec_driver_sql(_PG_INSERT, list(rows))
+    except DBAPIError as exc:
+        if not refused_for_its_data(exc):
+            raise
+        for row in rows:
+            try:
+                with conn.begin_nested():
+                    conn.exec_driver_sql(_PG_INSERT, tuple(row))
+            except DBAPIError as refused:
+                if not refused_for_its_data(refused):
+                    raise
+                conn.exec_driver_sql(
+                    _DEAD_LETTER_PG, (row.event_id, event_json(row), _reason(refused), now_us())
+                )
+
+
+def _sqlite_values(row: EventRow) -> tuple[Any, ...]:
+    return (row.event_id.bytes, *row[1:])
+
+
+def _reason(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", exc)
+    return f"{sqlstate_of(exc) or type(orig).__name__}: {str(orig).strip().splitlines()[0][:500]}"
+
+
+async def copy_rows(database: Database, rows: Sequence[EventRow]) -> None:
+    """Store ``rows`` in one transaction: COPY into a staging table, then one INSERT … SELECT.
+
+    For the writers that drain a buffer into PostgreSQL (on SQLite, an executemany). Raises
+    whatever the store raised; :func:`store_batch` splits batches the store refuses.
+    """
+    async with database.write() as conn:
+        raw = await conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+        if database.is_sqlite:
+            await conn.exec_driver_sql(_SQLITE_INSERT, [_sqlite_values(row) for row in rows])
+            return
+        await driver.execute(_PG_STAGING)
+        await driver.copy_records_to_table("firehose_staging", records=rows, columns=COLUMNS)
+        await driver.execute(_PG_FROM_STAGING)
+
+
+async def dead_letter(database: Database, row: EventRow, reason: str) -> None:
+    async with database.write() as conn:
+        sql = _DEAD_LETTER_SQLITE if database.is_sqlite else _DEAD_LETTER_PG
+        event_id: Any = row.event_id.bytes if database.is_sqlite else row.event_id
+        await conn.exec_driver_sql(sql, (event_id, event_json(row), reason, now_us()))
+
+
+async def store_batch(
+    database: Database,
+    rows: Sequence[EventRow],
+    copy: Callable[[Database, Sequence[EventRow]], Awaitable[None]] = copy_rows,
+) -> int:
+    """Store ``rows``, dead-lettering those the store refuses; returns how many were refused.
+
+    Each part commits on its own; that is safe because every insert is deduplicated, and the
+    caller acknowledges the buffer only after this returns.
+    """
+    try:
+        await copy(database, rows)
+        return 0
+    except Exception as exc:
+        if not refused_for_its_data(exc):
+            raise
+        if len(rows) == 1:
+            log.warning("event %s refused by the store: %s", rows[0].event_id, _reason(exc))
+            await dead_letter(database, rows[0], _reason(exc))
+            return 1
+    half = len(rows) // 2
+    return await store_batch(database, rows[:half], copy) + await store_batch(
+        database, rows[half:], copy
+    )
