@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -13,7 +14,7 @@ from keel.core.platform import AdminKey, Platform, PlatformDep, ReadKey, WriteKe
 from keel.core.schemas import Cursor, Limit, Page, decode_cursor
 from keel.firehose import errors, service
 from keel.firehose.buffers import Buffer
-from keel.firehose.events import EventRefused, decode_batch, decode_event, inflate, now_us
+from keel.firehose.events import NO_NUL, EventRefused, decode_batch, decode_event, inflate, now_us
 from keel.firehose.schemas import (
     Accepted,
     BatchAccepted,
@@ -34,6 +35,14 @@ REJECTED = Counter(
     "keel_firehose_events_rejected_total", "Events refused at ingest, by code.", ["code"]
 )
 _JSON = "application/json"
+# What an accepted event leads to: reading it back by its user (the fuzzer's stateful phase
+# follows these links).
+READ_BACK = {
+    "ReadBackByUser": {
+        "operationId": "list_events_events_get",
+        "parameters": {"user_id": "$request.body#/user_id"},
+    }
+}
 _NDJSON = ("application/x-ndjson", "application/ndjson", "application/jsonl")
 _BODY_PROBLEMS = (
     errors.InvalidJson,
@@ -69,7 +78,7 @@ async def _body(request: Request, accepted: tuple[str, ...]) -> tuple[bytes, str
     summary="Ingest one event; 202 once it is durable",
     openapi_extra=event_request_body(),
     responses={
-        202: {"model": Accepted},
+        202: {"model": Accepted, "links": READ_BACK},
         **problem_responses(
             *_BODY_PROBLEMS, errors.InvalidRequest, errors.EventTooLarge, errors.TimestampOutOfRange
         ),
@@ -122,14 +131,8 @@ async def ingest_batch(request: Request, plat: PlatformDep, _key: WriteKey) -> R
     return Response(result.model_dump_json(), status_code=202, media_type=_JSON)
 
 
-Since = Annotated[
-    str | None,
-    Query(description="Events at or after this time (RFC 3339 or epoch seconds).", max_length=64),
-]
-Until = Annotated[
-    str | None,
-    Query(description="Events before this time (RFC 3339 or epoch seconds).", max_length=64),
-]
+Since = Annotated[datetime | None, Query(description="Events at or after this time (RFC 3339).")]
+Until = Annotated[datetime | None, Query(description="Events before this time (RFC 3339).")]
 
 
 @router.get(
@@ -141,8 +144,8 @@ Until = Annotated[
 async def list_events(
     plat: PlatformDep,
     _key: ReadKey,
-    user_id: Annotated[str | None, Query(min_length=1, max_length=255)] = None,
-    name: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    user_id: Annotated[str | None, Query(min_length=1, max_length=255, pattern=NO_NUL)] = None,
+    name: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NO_NUL)] = None,
     since: Since = None,
     until: Until = None,
     limit: Limit = 50,
@@ -151,8 +154,8 @@ async def list_events(
     query = service.EventQuery(
         user_id=user_id,
         name=name,
-        since_us=service.parse_time(since, "since"),
-        until_us=service.parse_time(until, "until"),
+        since_us=service.epoch_us(since),
+        until_us=service.epoch_us(until),
         before_seq=decode_cursor(cursor),
         limit=limit,
     )

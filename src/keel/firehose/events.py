@@ -8,7 +8,6 @@ the store take. The rules are written once here and serve ``POST /events`` and e
 
 from __future__ import annotations
 
-import math
 import time
 import zlib
 from dataclasses import dataclass
@@ -28,8 +27,10 @@ EARLIEST_US = 946_684_800 * 1_000_000  # 2000-01-01T00:00:00Z
 LATEST_US = 4_102_444_800 * 1_000_000  # 2100-01-01T00:00:00Z
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+# No NUL: PostgreSQL text cannot hold one, so such an event could never be stored or found.
+NO_NUL = "^[^\x00]*$"
+UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=NO_NUL)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
 
 
 class EventIn(msgspec.Struct):
@@ -89,6 +90,8 @@ def decode_event(raw: bytes | msgspec.Raw, received_us: int) -> EventRow:
     except msgspec.ValidationError as exc:
         message, _, where = str(exc).partition(" - at `$")
         loc = ["body", *[part for part in where.rstrip("`").split(".") if part]]
+        if loc[1:] in (["timestamp"], ["sent_at"]) and "out of range" in message:
+            raise EventRefused(errors.TimestampOutOfRange, f"{loc[1]}: {message}") from None
         raise EventRefused(errors.InvalidRequest, message, loc) from None
     except msgspec.DecodeError as exc:
         raise EventRefused(errors.InvalidJson, str(exc)) from None
@@ -123,10 +126,10 @@ def _epoch_us(value: float | datetime, field: str) -> int:
     if isinstance(value, datetime):
         aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
         micros = (aware - _EPOCH) // _ONE_MICROSECOND
-    elif math.isfinite(value):
+    elif EARLIEST_US / 1e6 <= value < LATEST_US / 1e6:  # also refuses inf, and overflow below
         micros = round(value * 1_000_000)
     else:
-        micros = LATEST_US  # infinite: out of range below
+        micros = LATEST_US
     _in_range(micros, field)
     return micros
 

@@ -6,7 +6,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select
@@ -14,7 +14,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keel.core.database import Database
 from keel.core.schemas import Page, encode_cursor
-from keel.firehose import errors
 from keel.firehose.buffers import Buffer
 from keel.firehose.events import EARLIEST_US, LATEST_US, now_us
 from keel.firehose.schemas import (
@@ -39,27 +38,17 @@ class EventQuery:
     limit: int
 
 
-def parse_time(value: str | None, field: str) -> int | None:
-    """Epoch seconds or RFC 3339, as epoch µs; 422 naming ``field`` otherwise."""
-    if value is None or value == "":
+def epoch_us(moment: datetime | None) -> int | None:
+    """A query's time bound in epoch µs (naive means UTC), within the years events may have."""
+    if moment is None:
         return None
-    try:
-        micros = round(float(value) * 1_000_000)
-    except ValueError:
-        try:
-            moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-        except ValueError:
-            raise _bad_time(field) from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        micros = round(moment.timestamp() * 1_000_000)
-    except OverflowError:
-        raise _bad_time(field) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    micros = (moment - _EPOCH) // timedelta(microseconds=1)
     return max(EARLIEST_US, min(micros, LATEST_US))
 
 
-def _bad_time(field: str) -> errors.InvalidRequest:
-    return errors.InvalidRequest(f"{field} is RFC 3339 or epoch seconds.")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _event_id(value: Any) -> uuid.UUID:
