@@ -207,6 +207,30 @@ def test_gives_up_after_max_retries_and_reports_the_drop(collector: Collector) -
     assert code == "internal" and "3 attempts" in detail
 
 
+def test_a_413_splits_the_batch_in_halves(collector: Collector) -> None:
+    collector.plan(Answer(413, "payload_too_large"))
+    with client(collector) as firehose:
+        ids = {str(firehose.capture("user-1")) for _ in range(6)}
+        assert firehose.flush(DEADLINE)
+    assert [len(a.events) for a in collector.attempts] == [6, 3, 3]
+    assert set(collector.stored) == ids
+
+
+def test_close_gives_up_on_a_long_retry_after_and_reports_it(collector: Collector) -> None:
+    errors = Errors()
+    collector.plan(Answer(503, "buffer_full", retry_after="3600"))
+    firehose = client(collector, on_error=errors)
+    in_flight = firehose.capture("user-1")
+    assert firehose.flush(timeout=0.2) is False  # waiting out the Retry-After
+    waiting = firehose.capture("user-2")
+    firehose.close(timeout=0.2)
+    reported = sorted(e["event_id"] for events, code, _ in errors.calls for e in events)
+    assert {code for _, code, _ in errors.calls} == {"client_closed"}
+    assert reported == sorted([str(in_flight), str(waiting)])
+    assert firehose.stats.dropped == 2
+    assert len(collector.attempts) == 1
+
+
 def test_queue_full_raises_and_queues_nothing(collector: Collector) -> None:
     with client(collector, max_queue=5, batch_size=100) as firehose:
         for _ in range(5):
@@ -307,6 +331,18 @@ async def test_async_client_honours_retry_after() -> None:
     first, second = fake.attempts
     assert second.at - first.at >= 1.0
     assert first.ids == second.ids
+
+
+async def test_async_close_gives_up_on_a_long_retry_after() -> None:
+    fake, errors = Collector(), Errors()
+    fake.plan(Answer(503, "buffer_full", retry_after="3600"))
+    transport = httpx.ASGITransport(app=fake.app())
+    firehose = AsyncClient(fake.url, API_KEY, on_error=errors, transport=transport)
+    event_id = firehose.capture("user-1")
+    await firehose.close(timeout=0.3)
+    ((events, code, _),) = errors.calls
+    assert (code, [e["event_id"] for e in events]) == ("client_closed", [str(event_id)])
+    assert firehose.stats.dropped == 1
 
 
 async def test_async_queue_full() -> None:

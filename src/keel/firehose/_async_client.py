@@ -107,10 +107,10 @@ class AsyncClient:
             raise ClientClosed("this firehose client is closed")
         if len(self._queue) >= self._settings.max_queue:
             raise QueueFull(f"{len(self._queue)} events are waiting to be sent")
+        if self._sender is None:  # before queueing: outside a running loop this raises
+            self._sender = asyncio.get_running_loop().create_task(self._send_forever())
         self._queue.append((time.monotonic(), fragment))
         self._idle.clear()
-        if self._sender is None:
-            self._sender = asyncio.get_running_loop().create_task(self._send_forever())
         if len(self._queue) in (1, self._settings.batch_size):
             self._wake.set()
         self._settings.books.count(queued=1)
@@ -145,6 +145,9 @@ class AsyncClient:
         self._wake.set()
         if self._sender is not None:
             await asyncio.wait({self._sender}, timeout=self._timeout + 1)
+            if not self._sender.done():  # an attempt outlived its own timeout: stop it
+                self._sender.cancel()
+                await asyncio.wait({self._sender})
         left = [fragment for _, fragment in self._queue]
         self._queue.clear()
         if left:
@@ -168,8 +171,7 @@ class AsyncClient:
         while (batch := await self._take_batch()) is not None:
             try:
                 await self._drive(self._settings.delivery(batch))
-            except Exception as error:  # a bug must not silently stop all sending
-                self._settings.books.give_up(batch, "client_error", repr(error), refused=False)
+            except Exception:  # a bug must not stop all sending; the delivery reported the batch
                 log.exception("firehose: the sender failed on a batch")
             finally:
                 self._in_flight = 0
@@ -208,7 +210,7 @@ class AsyncClient:
                         outcome = await self._http.post(
                             BATCH_PATH, content=step.body, headers=step.headers
                         )
-                    except httpx.TransportError as error:
+                    except httpx.RequestError as error:
                         outcome = error
                 else:
                     try:
@@ -220,3 +222,5 @@ class AsyncClient:
                 step = delivery.send(outcome)
         except StopIteration:
             return
+        finally:
+            delivery.close()  # stopped early (a cancel, a bug): it reports what it had not sent

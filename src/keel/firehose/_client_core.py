@@ -43,7 +43,7 @@ MAX_BATCH_EVENTS = 1000
 # little larger than the data, so the decompressed budget keeps some headroom under the limit.
 MAX_BATCH_BYTES = 1024 * 1024 - 8 * 1024
 BATCH_PATH = "/events/batch"
-CLOSED_UNSENT = "the client closed before these events were sent"
+CLOSED_UNSENT = "the client stopped before these events were sent"
 CLOSE_TIMEOUT = 30.0  # seconds close() (and interpreter exit) waits for the queue to be sent
 RETRYABLE_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 
@@ -213,7 +213,7 @@ def judge(response: httpx.Response) -> Verdict:
     return Verdict("refused", code, detail)
 
 
-def transport_failure(error: httpx.TransportError) -> Verdict:
+def transport_failure(error: httpx.RequestError) -> Verdict:
     """No answer (refused connection, timeout, reset): the batch may or may not be stored."""
     return Verdict("retry", "transport_error", f"{type(error).__name__}: {error}")
 
@@ -259,11 +259,12 @@ class Books:
 
     def settle(self, fragments: list[bytes], verdict: Verdict) -> None:
         """Record an accepted batch, reporting each event the server refused."""
-        refused = {index for index, _, _ in verdict.rejected}
-        self.count(sent=len(fragments) - len(refused), rejected=len(refused))
-        for index, code, detail in verdict.rejected:
-            if 0 <= index < len(fragments):
-                self.report([fragments[index]], code, detail)
+        rejected = {
+            i: (code, detail) for i, code, detail in verdict.rejected if 0 <= i < len(fragments)
+        }
+        self.count(sent=len(fragments) - len(rejected), rejected=len(rejected))
+        for index, (code, detail) in sorted(rejected.items()):
+            self.report([fragments[index]], code, detail)
 
     def give_up(self, fragments: list[bytes], code: str, detail: str, *, refused: bool) -> None:
         """Record events that will not be sent: refused by the server, or dropped by the client."""
@@ -295,7 +296,7 @@ class Wait:
     seconds: float
 
 
-Outcome = httpx.Response | httpx.TransportError | bool
+Outcome = httpx.Response | httpx.RequestError | bool
 Delivery = Generator[Send | Wait, Outcome, None]
 
 
@@ -311,44 +312,68 @@ def deliver(
     """Send a taken batch to its end (sent, refused or dropped), as a coroutine of I/O requests.
 
     The sync client drives it with blocking calls and the async client with awaits, so both follow
-    one set of rules. Each batch keeps its events (and so their ids) across every retry.
+    one set of rules. Each batch keeps its events (and so their ids) across every retry. Whatever
+    stops it early (``close()`` giving up, the driver closing it, a bug) reports what it had not
+    sent, so no event leaves the client unaccounted for.
     """
     batches, oversized = fit_batches(fragments, send_at)
     if oversized:
-        books.give_up(
-            oversized, "event_too_large", f"an event over {MAX_BATCH_BYTES} bytes", refused=True
-        )
-    while batches:
-        batch = batches.pop(0)
-        attempt = 0
-        while True:
-            outcome = yield Send(*build_request(batch, send_at=send_at, compress=compress))
-            assert not isinstance(outcome, bool)
-            if isinstance(outcome, httpx.TransportError):
-                verdict = transport_failure(outcome)
-            else:
-                verdict = judge(outcome)
-            if verdict.kind == "accepted":
-                books.settle(batch, verdict)
-                break
-            if verdict.kind == "split" and len(batch) > 1:
-                half = len(batch) // 2
-                batches[:0] = [batch[:half], batch[half:]]
-                break
-            if verdict.kind != "retry":
-                books.give_up(batch, verdict.code, verdict.detail, refused=True)
-                break
-            if attempt >= max_retries:
-                detail = f"gave up after {attempt + 1} attempts: {verdict.detail}"
-                books.give_up(batch, verdict.code, detail, refused=False)
-                break
-            abandoned = yield Wait(backoff.delay(attempt, verdict.retry_after))
-            if abandoned:
-                for unsent in [batch, *batches]:
-                    books.give_up(unsent, "client_closed", CLOSED_UNSENT, refused=False)
-                return
-            attempt += 1
+        detail = f"an event over {MAX_BATCH_BYTES} bytes"
+        books.give_up(oversized, "event_too_large", detail, refused=True)
+    code, detail = "client_closed", CLOSED_UNSENT
+    try:
+        while batches:
+            # Settled: nothing replaces it; too large for the server (413): its two halves do.
+            batches[:1] = yield from _send_batch(
+                batches[0], books, send_at, compress, max_retries, backoff
+            )
+    except _Abandoned:
+        return
+    except Exception as error:
+        code, detail = "client_error", repr(error)
+        raise
+    finally:
+        for unsent in batches:
+            books.give_up(unsent, code, detail, refused=False)
+
+
+class _Abandoned(Exception):
+    """The client closed while a batch waited to be retried."""
+
+
+def _send_batch(
+    batch: list[bytes],
+    books: Books,
+    send_at: bool,
+    compress: bool,
+    max_retries: int,
+    backoff: Backoff,
+) -> Generator[Send | Wait, Outcome, list[list[bytes]]]:
+    """One batch's attempts; returns what must still be sent in its place."""
+    for attempt in range(max_retries + 1):
+        if attempt:
             books.count(retried=len(batch))
+        outcome = yield Send(*build_request(batch, send_at=send_at, compress=compress))
+        assert not isinstance(outcome, bool)
+        if isinstance(outcome, httpx.RequestError):
+            verdict = transport_failure(outcome)
+        else:
+            verdict = judge(outcome)
+        if verdict.kind == "accepted":
+            books.settle(batch, verdict)
+            return []
+        if verdict.kind == "split" and len(batch) > 1:
+            return [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+        if verdict.kind != "retry":
+            books.give_up(batch, verdict.code, verdict.detail, refused=True)
+            return []
+        if attempt == max_retries:
+            detail = f"gave up after {attempt + 1} attempts: {verdict.detail}"
+            books.give_up(batch, verdict.code, detail, refused=False)
+            return []
+        if (yield Wait(backoff.delay(attempt, verdict.retry_after))) is True:
+            raise _Abandoned
+    raise AssertionError("unreachable: the last attempt returns")
 
 
 class Settings:

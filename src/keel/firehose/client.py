@@ -144,6 +144,7 @@ class Client:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Send everything queued now; block until it is settled. False if ``timeout`` ran out."""
+        self._not_from_sender("flush")
         with self._changed:
             self._flushing += 1
             self._changed.notify_all()
@@ -154,6 +155,7 @@ class Client:
 
     def close(self, timeout: float | None = CLOSE_TIMEOUT) -> None:
         """Flush (up to ``timeout``), stop the sender, and report anything unsent as dropped."""
+        self._not_from_sender("close")
         with self._changed:
             if self._closed:
                 return
@@ -185,6 +187,11 @@ class Client:
     ) -> None:
         self.close()
 
+    def _not_from_sender(self, method: str) -> None:
+        """``on_error`` runs on the sender's thread, which cannot wait for itself."""
+        if threading.current_thread() is self._sender:
+            raise RuntimeError(f"{method}() cannot be called from on_error")
+
     def _idle(self) -> bool:
         return not self._queue and not self._in_flight
 
@@ -192,8 +199,7 @@ class Client:
         while (batch := self._take_batch()) is not None:
             try:
                 self._drive(self._settings.delivery(batch))
-            except Exception as error:  # a bug must not silently stop all sending
-                self._settings.books.give_up(batch, "client_error", repr(error), refused=False)
+            except Exception:  # a bug must not stop all sending; the delivery reported the batch
                 log.exception("firehose: the sender failed on a batch")
             finally:
                 with self._changed:
@@ -228,10 +234,12 @@ class Client:
                         outcome: Any = self._http.post(
                             BATCH_PATH, content=step.body, headers=step.headers
                         )
-                    except httpx.TransportError as error:
+                    except httpx.RequestError as error:
                         outcome = error
                 else:
                     outcome = self._abandon.wait(step.seconds)
                 step = delivery.send(outcome)
         except StopIteration:
             return
+        finally:
+            delivery.close()  # stopped early (a cancel, a bug): it reports what it had not sent
