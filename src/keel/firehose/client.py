@@ -24,7 +24,9 @@ Failures, and what becomes of the events:
 
 ``flush()`` sends what is queued; ``close()`` (or leaving the ``with`` block) flushes, then stops,
 and reports whatever it could not send as dropped. The sync client also closes itself at
-interpreter exit.
+interpreter exit (waiting up to 30 s for the queue to be sent). ``stats`` counts every event's
+fate; :class:`QueueFull`, :class:`ClientClosed`, :class:`Backoff` and :class:`ClientStats` are
+importable from here.
 """
 
 from __future__ import annotations
