@@ -19,13 +19,13 @@ run: install
 	$(RUN) keel run
 
 lint: install
-	$(RUN) ruff check src tests bench
-	$(RUN) ruff format --check src tests bench
+	$(RUN) ruff check src tests bench loadtest
+	$(RUN) ruff format --check src tests bench loadtest
 	$(RUN) mypy
 
 format: install
-	$(RUN) ruff check --fix src tests bench
-	$(RUN) ruff format src tests bench
+	$(RUN) ruff check --fix src tests bench loadtest
+	$(RUN) ruff format src tests bench loadtest
 
 test: lint
 	$(RUN) pytest $(PYTEST_ARGS)
