@@ -103,19 +103,24 @@ def _system_router(spec: ServiceSpec) -> APIRouter:
         responses=problem_responses(NotReady),
     )
     async def ready(plat: PlatformDep) -> Response:
+        body = {"status": "ready"}
         try:
             own = [spec.migrations] if spec.migrations is not None else []
             pending = await pending_migrations(plat.database, own)
         except Exception as exc:
-            return _not_ready(f"database unreachable: {type(exc).__name__}")
+            if not (plat.buffers_database_outages and plat.migrations_verified):
+                return _not_ready(f"database unreachable: {type(exc).__name__}")
+            pending = []
+            body["database"] = f"unreachable ({type(exc).__name__}): writes are buffered"
         if pending:
             return _not_ready(
                 f"migrations pending for: {', '.join(pending)}; run `keel db upgrade`"
             )
+        plat.migrations_verified = True
         reasons = [reason for check in plat.readiness_checks if (reason := check())]
         if reasons:
             return _not_ready("; ".join(reasons))
-        return JSONResponse({"status": "ready"})
+        return JSONResponse(body)
 
     @router.get(
         "/metrics",

@@ -36,6 +36,11 @@ class Platform:
     idempotency: Idempotency
     services: dict[str, Any] = field(default_factory=dict)
     readiness_checks: list[ReadinessCheck] = field(default_factory=list)
+    # Set by a service whose writes wait in a durable buffer while its database is down (the
+    # firehose's spool or Redis): /ready then stays 200 through an outage, once the database
+    # has been seen migrated, so that a load balancer keeps sending it the writes it can keep.
+    buffers_database_outages: bool = False
+    migrations_verified: bool = False
 
     def add_readiness_check(self, check: ReadinessCheck) -> None:
         """Make ``GET /ready`` answer 503 ``not_ready`` whenever ``check`` returns a reason."""

@@ -6,6 +6,7 @@ Also: ``make run`` serves it on port 8000 beside the other services.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from fastapi import FastAPI
 
 from keel.core.app import ServiceSpec, create_service_app
 from keel.core.fastpath import FastRoute
+from keel.core.migrate import pending_migrations
 from keel.core.platform import Platform
 from keel.firehose import service
 from keel.firehose.api import router
@@ -44,6 +46,10 @@ async def firehose_workers(plat: Platform) -> AsyncIterator[None]:
     await buffer.start()
     plat.services["buffer"] = buffer
     plat.add_readiness_check(buffer.unready)
+    # Ingest goes on into a spool or Redis while the store is down (not into the store itself).
+    plat.buffers_database_outages = buffer.kind != "direct"
+    with contextlib.suppress(Exception):  # unreachable now: /ready says so until it is seen
+        plat.migrations_verified = not await pending_migrations(plat.database, [MIGRATIONS])
     try:
         yield
     finally:

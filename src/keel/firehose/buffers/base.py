@@ -70,7 +70,7 @@ class BufferHealth:
     kind: str
     depth: int  # events accepted (202) and not yet in the store
     oldest_age_seconds: float | None  # of the oldest of them
-    max_events: int
+    max_events: int | None  # the bound past which ingest answers 503 buffer_full
     durability: str  # what a 202 survives, in words
     store: StoreStatus = field(default_factory=StoreStatus)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -48,20 +48,27 @@ class DirectBuffer(Buffer):
         await self._committer.stop()
 
     async def health(self) -> BufferHealth:
-        durable = (
-            "the store itself: a 202 survives a crash and power loss (SQLite synchronous="
-            f"{self._settings.sqlite_synchronous})"
-            if self._database.is_sqlite
-            else "the store itself: a 202 is committed in PostgreSQL"
-        )
         return BufferHealth(
             kind=self.kind,
             depth=0,
             oldest_age_seconds=None,
-            max_events=self._settings.write_queue_max,
-            durability=durable,
-            extra={"requests_waiting": self._committer.queue_depth},
+            max_events=None,
+            durability=self._durability(),
+            extra={
+                "requests_waiting": self._committer.queue_depth,
+                "max_requests_waiting": self._settings.write_queue_max,
+            },
         )
+
+    def _durability(self) -> str:
+        if not self._database.is_sqlite:
+            return "the store itself: a 202 is committed in the database"
+        synchronous = self._settings.sqlite_synchronous
+        survives = {
+            "OFF": "a crash of keel, not of the machine",
+            "NORMAL": "a crash of keel; a power loss may take the last commits",
+        }.get(synchronous, "a crash and a power loss")
+        return f"the store itself (SQLite, synchronous={synchronous}): a 202 survives {survives}"
 
     def unready(self) -> str | None:
         return self._committer.unready()
