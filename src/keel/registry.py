@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 REGISTERED: tuple[str, ...] = (
     "keel.ledger.registration:SERVICE",
     "keel.firehose.registration:SERVICE",
+    "keel.inventory.registration:SERVICE",
 )  # fmt: skip
 
 

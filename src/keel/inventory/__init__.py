@@ -1,0 +1,1 @@
+"""The inventory: flash sales that never oversell or undersell (DESIGN.md, "inventory")."""

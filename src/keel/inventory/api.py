@@ -1,0 +1,247 @@
+"""The inventory's HTTP routes (contract: DESIGN.md, "inventory")."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
+from starlette.responses import Response
+
+from keel.core.batching import GroupCommitter
+from keel.core.errors import InvalidCursor, problem_responses
+from keel.core.idempotency import StoredResponse
+from keel.core.openapi import IDEMPOTENT
+from keel.core.platform import AdminKey, PlatformDep, ReadKey, WriteKey
+from keel.core.schemas import Cursor, Limit, Page, decode_cursor
+from keel.inventory import service
+from keel.inventory.errors import (
+    AlreadyCancelled,
+    ItemNotFound,
+    LimitExceeded,
+    OrderNotFound,
+    ReservationConfirmed,
+    ReservationExpired,
+    ReservationNotFound,
+    ReservationReleased,
+    SkuTaken,
+    SoldOut,
+    StockOutOfRange,
+)
+from keel.inventory.purchases import Purchase
+from keel.inventory.schemas import (
+    Item,
+    ItemCreate,
+    Order,
+    PurchaseCreate,
+    Reservation,
+    ReservationCreate,
+    Restock,
+    user_key,
+)
+from keel.inventory.settings import InventorySettings
+
+router = APIRouter()
+
+PathId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+PurchaseCommitter = GroupCommitter[Purchase, Order | StoredResponse]
+
+
+def _json(body: str, status: int = 200) -> Response:
+    return Response(body, status_code=status, media_type="application/json")
+
+
+@router.post(
+    "/items",
+    status_code=201,
+    response_model=Item,
+    tags=["items"],
+    summary="Add an item with its initial stock (admin)",
+    responses=problem_responses(SkuTaken),
+    openapi_extra=IDEMPOTENT,
+)
+async def create_item(
+    body: ItemCreate, request: Request, key: AdminKey, plat: PlatformDep
+) -> Response:
+    idem = plat.idempotency.request(
+        request.headers, key.id, "inventory.create_item", body.model_dump()
+    )
+    return await plat.idempotency.run(
+        plat.database, idem, lambda conn: conn.run_sync(service.create_item, body)
+    )
+
+
+@router.get(
+    "/items/{item_id}",
+    response_model=Item,
+    tags=["items"],
+    summary="One item: available, reserved and sold",
+    responses=problem_responses(ItemNotFound),
+)
+async def get_item(item_id: PathId, _key: ReadKey, plat: PlatformDep) -> Response:
+    item = await plat.database.run_read(lambda conn: service.get_item(conn, item_id))
+    return _json(item.model_dump_json())
+
+
+@router.get(
+    "/items",
+    response_model=Page[Item],
+    tags=["items"],
+    summary="Items in id order",
+    responses=problem_responses(InvalidCursor),
+)
+async def list_items(
+    _key: ReadKey, plat: PlatformDep, limit: Limit = 50, cursor: Cursor = None
+) -> Page[Item]:
+    after = decode_cursor(cursor)
+    async with plat.database.read() as conn:
+        return await conn.run_sync(service.list_items, after, limit)
+
+
+@router.post(
+    "/items/{item_id}/restock",
+    response_model=Item,
+    tags=["items"],
+    summary="Add stock (admin)",
+    responses=problem_responses(ItemNotFound, StockOutOfRange),
+    openapi_extra=IDEMPOTENT,
+)
+async def restock(
+    item_id: PathId, body: Restock, request: Request, key: AdminKey, plat: PlatformDep
+) -> Response:
+    idem = plat.idempotency.request(
+        request.headers, key.id, "inventory.restock", {"item_id": item_id, **body.model_dump()}
+    )
+    return await plat.idempotency.run(
+        plat.database,
+        idem,
+        lambda conn: conn.run_sync(service.restock, item_id, body.quantity),
+        status=200,
+    )
+
+
+@router.get(
+    "/items/{item_id}/orders",
+    response_model=Page[Order],
+    tags=["orders"],
+    summary="An item's orders, oldest first",
+    responses=problem_responses(ItemNotFound, InvalidCursor),
+)
+async def list_orders(
+    item_id: PathId, _key: ReadKey, plat: PlatformDep, limit: Limit = 50, cursor: Cursor = None
+) -> Page[Order]:
+    after = decode_cursor(cursor)
+    async with plat.database.read() as conn:
+        return await conn.run_sync(service.list_orders, item_id, after, limit)
+
+
+@router.post(
+    "/purchase",
+    status_code=201,
+    response_model=Order,
+    tags=["orders"],
+    summary="Buy now: 201 with the order and the stock left, or 409 sold_out / limit_exceeded",
+    responses=problem_responses(ItemNotFound, SoldOut, LimitExceeded),
+    openapi_extra=IDEMPOTENT,
+)
+async def purchase(
+    body: PurchaseCreate, request: Request, key: WriteKey, plat: PlatformDep
+) -> Response:
+    idem = plat.idempotency.request(
+        request.headers, key.id, "inventory.purchase", body.model_dump()
+    )
+    committer: PurchaseCommitter = plat.services["purchases"]
+    buying = Purchase(body.item_id, user_key(body.user_id), body.quantity, idem)
+    if idem is None:
+        result = await committer.submit(buying)
+    else:
+        async with plat.idempotency.inflight.hold(idem):
+            result = await committer.submit(buying)
+    if isinstance(result, StoredResponse):
+        return result.to_response()
+    return _json(result.model_dump_json(), 201)
+
+
+@router.post(
+    "/reservations",
+    status_code=201,
+    response_model=Reservation,
+    tags=["reservations"],
+    summary="Hold stock for up to 900 s",
+    responses=problem_responses(ItemNotFound, SoldOut, LimitExceeded),
+    openapi_extra=IDEMPOTENT,
+)
+async def create_reservation(
+    body: ReservationCreate, request: Request, key: WriteKey, plat: PlatformDep
+) -> Response:
+    settings = plat.settings
+    assert isinstance(settings, InventorySettings)
+    idem = plat.idempotency.request(request.headers, key.id, "inventory.reserve", body.model_dump())
+    return await plat.idempotency.run(
+        plat.database,
+        idem,
+        lambda conn: conn.run_sync(
+            service.reserve, body, user_key(body.user_id), settings.max_hold_seconds
+        ),
+    )
+
+
+@router.get(
+    "/reservations/{reservation_id}",
+    response_model=Reservation,
+    tags=["reservations"],
+    summary="One hold; past its time it reads as expired",
+    responses=problem_responses(ReservationNotFound),
+)
+async def get_reservation(reservation_id: PathId, _key: ReadKey, plat: PlatformDep) -> Response:
+    held = await plat.database.run_read(lambda conn: service.get_reservation(conn, reservation_id))
+    return _json(held.model_dump_json())
+
+
+@router.post(
+    "/reservations/{reservation_id}/confirm",
+    status_code=201,
+    response_model=Order,
+    tags=["reservations"],
+    summary="Turn an unexpired hold into an order",
+    responses=problem_responses(
+        ReservationNotFound, ReservationExpired, ReservationReleased, ReservationConfirmed
+    ),
+    openapi_extra=IDEMPOTENT,
+)
+async def confirm_reservation(
+    reservation_id: PathId, request: Request, key: WriteKey, plat: PlatformDep
+) -> Response:
+    idem = plat.idempotency.request(
+        request.headers, key.id, "inventory.confirm", {"reservation_id": reservation_id}
+    )
+    return await plat.idempotency.run(
+        plat.database, idem, lambda conn: conn.run_sync(service.confirm, reservation_id)
+    )
+
+
+@router.delete(
+    "/reservations/{reservation_id}",
+    status_code=204,
+    tags=["reservations"],
+    summary="Release a hold (again: no change)",
+    responses=problem_responses(ReservationNotFound, ReservationExpired, ReservationConfirmed),
+)
+async def release_reservation(
+    reservation_id: PathId, _key: WriteKey, plat: PlatformDep
+) -> Response:
+    async with plat.database.write() as conn:
+        await conn.run_sync(service.release, reservation_id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/orders/{order_id}/cancel",
+    response_model=Order,
+    tags=["orders"],
+    summary="Cancel an order and return its stock (twice: 409 already_cancelled)",
+    responses=problem_responses(OrderNotFound, AlreadyCancelled),
+)
+async def cancel_order(order_id: PathId, _key: WriteKey, plat: PlatformDep) -> Response:
+    async with plat.database.write() as conn:
+        order = await conn.run_sync(service.cancel, order_id)
+    return _json(order.model_dump_json())
