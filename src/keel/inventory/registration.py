@@ -13,4 +13,6 @@ SERVICE = ServiceEntry(
     app_factory="keel.inventory.app:create_app",
     settings="keel.inventory.settings:InventorySettings",
     migrations=MIGRATIONS,
+    cli="keel.inventory.cli:app",
+    bench="keel.inventory.bench:BENCH",
 )
