@@ -91,11 +91,11 @@ class Senders:
                     return
                 self.wrong.append(f"{self.phase}: {exc!r}")
                 continue
-            self._record(reply, ids)
+            self.record(reply, ids)
             if reply.status_code != 202:
                 await asyncio.sleep(0.05)  # a client's back-off before it tries again
 
-    def _record(self, reply: httpx.Response, ids: list[str]) -> None:
+    def record(self, reply: httpx.Response, ids: list[str]) -> None:
         code = None if reply.status_code == 202 else reply.json().get("code")
         self.answers[(self.phase, reply.status_code, code)] += 1
         if reply.status_code == 202:

@@ -100,7 +100,7 @@ async def test_past_the_bound_ingest_answers_buffer_full(
             ids = [str(uuid.uuid4()) for _ in range(count)]
             body = [{"event_id": i, "user_id": "bound", "timestamp": time.time()} for i in ids]
             reply = await client.post("/events/batch", json=body)
-            sent._record(reply, ids)
+            sent.record(reply, ids)
             refused.extend([] if reply.status_code == 202 else ids)
             return reply
 
@@ -159,6 +159,21 @@ def client_of(server: LiveServer, key: str) -> httpx.AsyncClient:
     )
 
 
+async def key_cached_in_every_worker(server: LiveServer, key: str) -> None:
+    """Authenticate on fresh connections until every worker has looked the key up.
+
+    A worker that first sees the key during the outage cannot look it up in the store, and
+    answers 503 database_unavailable: the key table lives in the store, not in the buffer.
+    """
+
+    async def every_worker_served() -> bool:
+        async with client_of(server, key) as fresh:
+            await fresh.get("/events", params={"limit": 1})
+        return len(server.requests_served("GET", "/events")) >= server.workers
+
+    await until(every_worker_served, 30, "every worker to authenticate the key")
+
+
 async def test_store_down_for_30s_ingest_continues_and_drains_after(
     own_postgres: OwnPostgres, tmp_path: Path
 ) -> None:
@@ -167,6 +182,7 @@ async def test_store_down_for_30s_ingest_continues_and_drains_after(
     processes = set(server.members())
     sent = Senders()
     try:
+        await key_cached_in_every_worker(server, key)
         async with client_of(server, key) as client:
             senders = [asyncio.create_task(sent.sender(client, seed)) for seed in range(SENDERS)]
             await until(lambda: sent.accepted("before") >= 200, 60, "202s before the outage")

@@ -52,6 +52,9 @@ STORE_TIMEOUT_SECONDS = 30.0  # a flush that hangs this long is abandoned; its r
 FINAL_DRAIN_SECONDS = 5.0  # what stop() spends emptying the spool before leaving the rest
 
 _SCHEMA = (
+    # AUTOINCREMENT: a seq is never handed out twice, even after deletes, so "delete through
+    # last_seq" can never remove a row spooled after that batch was read. Writes are serialized,
+    # so seq order is commit order too.
     "CREATE TABLE IF NOT EXISTS spool ("
     " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
     " received_at_us INTEGER NOT NULL,"
