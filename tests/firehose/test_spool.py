@@ -191,3 +191,21 @@ async def test_a_spool_that_cannot_write_refuses_with_503(spooled: SpoolBuffer) 
     assert (await spooled.health()).depth == 0  # nothing partial
     writer.execute("PRAGMA max_page_count = 1073741823")
     await spooled.append(big)  # room again: accepted
+
+
+@postgres_store
+async def test_a_graceful_stop_drains_what_is_spooled(
+    database: Database, database_url: str, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool.db"
+    # Nothing is due on its own (an hour's age, a size never reached): only stop() drains.
+    buffer = SpoolBuffer(
+        database, spool_settings(database_url, spool, flush_age_ms=3_600_000, flush_size=100_000)
+    )
+    await buffer.start()
+    appended = rows(300)
+    await buffer.append(appended)
+    assert (await buffer.health()).depth == 300
+    await buffer.stop()
+    assert spooled_events(spool) == 0
+    assert set((await store_counts(database, [r.event_id for r in appended])).values()) == {1}
