@@ -6,6 +6,7 @@ import gzip
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import httpx
 from sqlalchemy import func, select
@@ -14,6 +15,7 @@ from keel.core.database import Database
 from keel.firehose.tables import events
 
 NOW = time.time()
+Drained = Callable[[], Awaitable[None]]
 
 
 def event(user: str = "u1", **fields: object) -> dict[str, object]:
@@ -37,18 +39,19 @@ async def stored(database: Database, *ids: str) -> dict[str, int]:
 
 
 async def test_one_event_is_stored_with_a_uuid7_id(
-    firehose: httpx.AsyncClient, database: Database
+    firehose: httpx.AsyncClient, database: Database, drained: Drained
 ) -> None:
     reply = await firehose.post("/events", json=event(metadata={"page": "/home"}))
     assert reply.status_code == 202, reply.text
     body = reply.json()
     assert body["status"] == "accepted"
     assert uuid.UUID(body["event_id"]).version == 7
+    await drained()
     assert await stored(database, body["event_id"]) == {body["event_id"]: 1}
 
 
 async def test_a_retried_event_is_stored_once(
-    firehose: httpx.AsyncClient, database: Database
+    firehose: httpx.AsyncClient, database: Database, drained: Drained
 ) -> None:
     event_id = str(uuid.uuid4())  # random ids dedupe too, only slower
     for _ in range(3):
@@ -57,11 +60,12 @@ async def test_a_retried_event_is_stored_once(
         assert reply.json()["event_id"] == event_id
     batch = [event(event_id=event_id), event(event_id=event_id)]
     assert (await firehose.post("/events/batch", json=batch)).status_code == 202
+    await drained()
     assert await stored(database, event_id) == {event_id: 1}
 
 
 async def test_a_batch_stores_the_valid_events_and_names_the_rest(
-    firehose: httpx.AsyncClient, database: Database
+    firehose: httpx.AsyncClient, database: Database, drained: Drained
 ) -> None:
     ids = [str(uuid.uuid4()) for _ in range(4)]
     batch = [
@@ -78,10 +82,13 @@ async def test_a_batch_stores_the_valid_events_and_names_the_rest(
         (1, "validation_error"),
         (2, "timestamp_out_of_range"),
     ]
+    await drained()
     assert await stored(database, *ids) == {ids[0]: 1, ids[1]: 0, ids[2]: 0, ids[3]: 1}
 
 
-async def test_ndjson_gzip_batch(firehose: httpx.AsyncClient, database: Database) -> None:
+async def test_ndjson_gzip_batch(
+    firehose: httpx.AsyncClient, database: Database, drained: Drained
+) -> None:
     ids = [str(uuid.uuid4()) for _ in range(3)]
     lines = [json.dumps(event(event_id=i)) for i in ids[:2]] + [
         "{not json",
@@ -96,10 +103,13 @@ async def test_ndjson_gzip_batch(firehose: httpx.AsyncClient, database: Database
     assert reply.status_code == 202, reply.text
     assert reply.json()["accepted"] == 3
     assert [(r["index"], r["code"]) for r in reply.json()["rejected"]] == [(2, "invalid_json")]
+    await drained()
     assert set((await stored(database, *ids)).values()) == {1}
 
 
-async def test_sent_at_corrects_the_clients_clock_skew(firehose: httpx.AsyncClient) -> None:
+async def test_sent_at_corrects_the_clients_clock_skew(
+    firehose: httpx.AsyncClient, drained: Drained
+) -> None:
     skew = 3600.0  # the client's clock runs an hour fast
     happened = time.time() - 10
     event_id = str(uuid.uuid4())
@@ -110,6 +120,7 @@ async def test_sent_at_corrects_the_clients_clock_skew(firehose: httpx.AsyncClie
         sent_at=time.time() + skew,
     )
     assert (await firehose.post("/events", json=body)).status_code == 202
+    await drained()
     page = (await firehose.get("/events", params={"user_id": f"skew-{event_id}"})).json()
     [stored_event] = page["items"]
     corrected = _epoch(stored_event["timestamp"])
@@ -124,12 +135,15 @@ def _epoch(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-async def test_reading_back_filters_and_pages(firehose: httpx.AsyncClient) -> None:
+async def test_reading_back_filters_and_pages(
+    firehose: httpx.AsyncClient, drained: Drained
+) -> None:
     user = f"reader-{uuid.uuid4()}"
     batch = [
         event(user=user, name="view" if i % 2 else "click", metadata={"i": i}) for i in range(7)
     ]
     assert (await firehose.post("/events/batch", json=batch)).status_code == 202
+    await drained()
     seen: list[int] = []
     cursor = None
     while True:

@@ -34,6 +34,10 @@ def make_buffer(plat: Platform, settings: FirehoseSettings) -> Buffer:
         from keel.firehose.buffers.direct import DirectBuffer
 
         return DirectBuffer(plat.database, settings)
+    if kind == "spool":
+        from keel.firehose.buffers.spool import SpoolBuffer
+
+        return SpoolBuffer(plat.database, settings)
     raise NotImplementedError(f"KEEL_FIREHOSE_BUFFER={kind} is not built yet")
 
 

@@ -137,14 +137,17 @@ async def copy_rows(database: Database, rows: Sequence[EventRow]) -> None:
     whatever the store raised; :func:`store_batch` splits batches the store refuses.
     """
     async with database.write() as conn:
-        raw = await conn.get_raw_connection()
-        driver: Any = raw.driver_connection
         if database.is_sqlite:
             await conn.exec_driver_sql(_SQLITE_INSERT, [_sqlite_values(row) for row in rows])
             return
-        await driver.execute(_PG_STAGING)
+        # Through SQLAlchemy first: that opens the transaction the COPY then joins. Straight on
+        # the driver, each statement would commit on its own, and the staging rows (ON COMMIT
+        # DELETE ROWS) would be gone before the INSERT read them.
+        await conn.exec_driver_sql(_PG_STAGING)
+        raw = await conn.get_raw_connection()
+        driver: Any = raw.driver_connection
         await driver.copy_records_to_table("firehose_staging", records=rows, columns=COLUMNS)
-        await driver.execute(_PG_FROM_STAGING)
+        await conn.exec_driver_sql(_PG_FROM_STAGING)
 
 
 async def dead_letter(database: Database, row: EventRow, reason: str) -> None:
