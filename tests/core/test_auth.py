@@ -257,3 +257,34 @@ async def test_a_flood_of_random_keys_holds_few_connections_and_known_keys_still
     results = await asyncio.gather(*bogus, return_exceptions=True)
     assert all(isinstance(r, Unauthorized) for r in results)
     assert verifier.most_at_once == 4
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_while_the_database_is_away_a_recently_confirmed_key_still_works(
+    database_url: str, make_key: Any, clock: Clock
+) -> None:
+    """A buffering service (the firehose) keeps its clients through a database outage."""
+    from sqlalchemy.engine import make_url
+
+    from keel.core.database import create_engine
+    from tests.support.cutting_proxy import CuttingProxy
+
+    url = make_url(database_url)
+    proxy = await CuttingProxy(url.host or "127.0.0.1", url.port or 5432).start()
+    through = Database(
+        create_engine(url.set(host="127.0.0.1", port=proxy.port).render_as_string(False))
+    )
+    verifier = ApiKeyVerifier(through, CACHE_SECONDS, clock=clock, stale_seconds=60)
+    known, never_seen = await make_key(Scope.WRITE), await make_key(Scope.WRITE)
+    try:
+        await verifier.authenticate(bearer(known), Scope.WRITE)
+        await proxy.close()  # the database is gone: connections cut, new ones refused
+        clock.now += CACHE_SECONDS * 2  # past its freshness: a lookup is tried, and fails
+        assert (await verifier.authenticate(bearer(known), Scope.WRITE)).scope == Scope.WRITE
+        with pytest.raises(Exception):  # noqa: B017, PT011 - a key it never confirmed: no answer
+            await verifier.authenticate(bearer(never_seen), Scope.WRITE)
+        clock.now += 60  # past stale_seconds too: the key is not vouched for any more
+        with pytest.raises(Exception):  # noqa: B017, PT011
+            await verifier.authenticate(bearer(known), Scope.WRITE)
+    finally:
+        await through.dispose()

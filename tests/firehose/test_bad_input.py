@@ -162,7 +162,7 @@ async def test_bad_batch(
 
 
 async def test_invalid_utf8_in_one_event_of_a_batch_rejects_that_event(
-    firehose: httpx.AsyncClient, database: Database
+    firehose: httpx.AsyncClient, database: Database, drained: Any
 ) -> None:
     before = await stored_count(database)
     content = b"[" + body() + b',{"user_id":"\xff","timestamp":1700000000}]'
@@ -171,6 +171,7 @@ async def test_invalid_utf8_in_one_event_of_a_batch_rejects_that_event(
     assert reply.json()["rejected"] == [
         {"index": 1, "code": "invalid_utf8", "detail": reply.json()["rejected"][0]["detail"]}
     ]
+    await drained()
     assert await stored_count(database) == before + 1
 
 

@@ -29,7 +29,7 @@ def valid_row(user: str = "replayed") -> EventRow:
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 async def test_an_event_the_store_refuses_is_dead_lettered_with_its_reason(
-    firehose: httpx.AsyncClient, database: Database
+    firehose: httpx.AsyncClient, database: Database, drained: Any
 ) -> None:
     refused, fine = str(uuid.uuid4()), str(uuid.uuid4())
     batch = b"[%s,%s]" % (
@@ -40,6 +40,7 @@ async def test_an_event_the_store_refuses_is_dead_lettered_with_its_reason(
         "/events/batch", content=batch, headers={"Content-Type": "application/json"}
     )
     assert reply.status_code == 202 and reply.json()["accepted"] == 2  # both durable
+    await drained()
     assert await stored(database, refused, fine) == {refused: 0, fine: 1}
     letters = await all_dead_letters(firehose)
     [letter] = [d for d in letters if d["event_id"] == refused]
@@ -51,13 +52,14 @@ async def test_an_event_the_store_refuses_is_dead_lettered_with_its_reason(
     # Replayed, it is refused again and comes back as a new dead letter; nothing is lost.
     reply = await firehose.post("/dead-letters/replay", json={"ids": [letter["id"]]})
     assert reply.status_code == 200 and reply.json() == {"replayed": 1}
+    await drained()
     again = [d for d in await all_dead_letters(firehose) if d["event_id"] == refused]
     assert [d["id"] != letter["id"] for d in again] == [True]
     assert await stored(database, refused) == {refused: 0}
 
 
 async def test_replay_stores_what_the_store_now_takes(
-    firehose: httpx.AsyncClient, database: Database
+    firehose: httpx.AsyncClient, database: Database, drained: Any
 ) -> None:
     row = valid_row()
     await dead_letter(database, row, "08006: connection lost (simulated transient refusal)")
@@ -65,6 +67,7 @@ async def test_replay_stores_what_the_store_now_takes(
     assert len(letters) == 1
     reply = await firehose.post("/dead-letters/replay", json={"ids": [letters[0]["id"]]})
     assert reply.json() == {"replayed": 1}
+    await drained()
     assert await stored(database, str(row.event_id)) == {str(row.event_id): 1}
     assert not [d for d in await all_dead_letters(firehose) if d["event_id"] == str(row.event_id)]
     # A second replay of the same id finds nothing and stores nothing twice.

@@ -197,7 +197,10 @@ def create_service_app(spec: ServiceSpec, settings: ServiceSettings) -> FastAPI:
             settings=settings,
             database=database,
             api_keys=ApiKeyVerifier(
-                database, settings.api_key_cache_seconds, settings.api_key_negative_cache_seconds
+                database,
+                settings.api_key_cache_seconds,
+                settings.api_key_negative_cache_seconds,
+                stale_seconds=settings.api_key_stale_seconds,
             ),
             rate_limiter=RateLimiter(
                 settings.rate_limit,

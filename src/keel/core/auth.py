@@ -127,7 +127,9 @@ class ApiKeyVerifier:
 
     Known keys stay ``cache_seconds`` and are refreshed in the background as they near the end
     of that, so the hot path never waits on the database once a key is known (and a revoked key
-    stops working within the window). Unknown keys stay ``negative_cache_seconds`` (a second by
+    stops working within the window). While the database cannot be asked, a key it confirmed
+    within the last ``stale_seconds`` keeps working (only then: a revocation the database can
+    report still takes effect within ``cache_seconds``). Unknown keys stay ``negative_cache_seconds`` (a second by
     default), so a key created just after a request was refused with it works that much later.
     Each cache holds at most ``max_entries``, oldest out first: random bogus keys cost a lookup
     each, but cannot grow memory or push the real keys out. Concurrent misses for one key share
@@ -145,10 +147,12 @@ class ApiKeyVerifier:
         *,
         max_entries: int = 10_000,
         max_new_lookups: int = 4,
+        stale_seconds: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._database = database
         self._cache_seconds = cache_seconds
+        self._stale_seconds = stale_seconds
         self._negative_seconds = negative_cache_seconds
         self._clock = clock
         self._known = _ExpiringCache(max_entries)
@@ -173,8 +177,10 @@ class ApiKeyVerifier:
     async def _lookup(self, raw: str) -> ApiKey | None:
         now = self._clock()
         known = self._known.get(raw)
+        if known is not None and known[0] <= now:  # past its freshness and its stale time too
+            known = self._known.pop(raw) and None
         if known is not None:
-            left = known[0] - now
+            left = known[0] - self._stale_seconds - now
             if left > 0:
                 if left < self._cache_seconds / 5 and raw not in self._fetching:
                     self._refresh(raw)  # nearly stale: look it up again, answer from cache now
@@ -183,8 +189,15 @@ class ApiKeyVerifier:
             unknown = self._unknown.get(raw)
             if unknown is not None and unknown[0] > now:
                 return None
-        # shield: one waiter giving up must not cancel the lookup the others wait for
-        return await asyncio.shield(self._refresh(raw, new=known is None))
+        try:
+            # shield: one waiter giving up must not cancel the lookup the others wait for
+            return await asyncio.shield(self._refresh(raw, new=known is None))
+        except Exception:
+            if known is None:
+                raise
+            # The database cannot say: a key it confirmed within stale_seconds still works, so
+            # a service that buffers writes through an outage (the firehose) keeps its clients.
+            return known[1]
 
     def _refresh(self, raw: str, new: bool = False) -> asyncio.Future[ApiKey | None]:
         """The one lookup of ``raw`` in flight, started if there is none."""
@@ -212,7 +225,8 @@ class ApiKeyVerifier:
             self._unknown.put(raw, now + self._negative_seconds, None, now)
         else:
             self._unknown.pop(raw, None)
-            self._known.put(raw, now + self._cache_seconds, key, now)
+            # Kept stale_seconds past its freshness, answered from only while lookups fail.
+            self._known.put(raw, now + self._cache_seconds + self._stale_seconds, key, now)
         return key
 
     async def _fetch(self, digest: bytes) -> ApiKey | None:

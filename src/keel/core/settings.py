@@ -46,6 +46,8 @@ class ServiceSettings(BaseSettings):
     rate_limit_redis_backoff_seconds: float = Field(default=1.0, gt=0)
     api_key_cache_seconds: float = Field(default=5.0, ge=0)
     api_key_negative_cache_seconds: float = Field(default=1.0, ge=0)  # unknown keys
+    # While the database is unreachable, keys it confirmed this recently still authenticate.
+    api_key_stale_seconds: float = Field(default=3600.0, ge=0)
     idempotency_ttl_hours: int = Field(default=24, ge=1)
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
     sqlite_busy_timeout_ms: int = Field(default=10_000, ge=0)

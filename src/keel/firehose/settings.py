@@ -41,4 +41,4 @@ class FirehoseSettings(ServiceSettings):
     def buffer_kind(self) -> BufferKind:
         if self.buffer != "auto":
             return self.buffer
-        return "direct"  # until the spool lands: then "spool" for a PostgreSQL store
+        return "direct" if self.is_sqlite else "spool"
