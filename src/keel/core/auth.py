@@ -129,8 +129,9 @@ class ApiKeyVerifier:
     of that, so the hot path never waits on the database once a key is known (and a revoked key
     stops working within the window). While the database cannot be asked, a key it confirmed
     within the last ``stale_seconds`` keeps working (only then: a revocation the database can
-    report still takes effect within ``cache_seconds``). Unknown keys stay ``negative_cache_seconds`` (a second by
-    default), so a key created just after a request was refused with it works that much later.
+    report still takes effect within ``cache_seconds``). Unknown keys stay
+    ``negative_cache_seconds`` (a second by default), so a key created just after a request was
+    refused with it works that much later.
     Each cache holds at most ``max_entries``, oldest out first: random bogus keys cost a lookup
     each, but cannot grow memory or push the real keys out. Concurrent misses for one key share
     a single lookup, so an expiring entry does not send every in-flight request to the pool.
