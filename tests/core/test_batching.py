@@ -84,6 +84,29 @@ async def test_full_queue_refuses_with_overloaded_and_writes_nothing(
     assert await stored(database, table) == [1, 2]
 
 
+async def test_a_batch_stops_at_its_weight(database: Database, table: str) -> None:
+    """Items weighing 4 with max_weight 10: at most two per transaction (one alone if heavier)."""
+    sizes: list[int] = []
+    insert = inserting(table)
+
+    def apply(conn: Connection, items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        return insert(conn, items)
+
+    committer: GroupCommitter[int, int] = GroupCommitter(
+        name="test_weight", database=database, apply=apply, weigh=lambda _: 4, max_weight=10
+    )
+    queued = [asyncio.create_task(committer.submit(i)) for i in range(1, 8)]
+    await wait_for(lambda: committer.queue_depth == 7)  # all queued before the first batch
+    committer.start()
+    try:
+        assert await asyncio.gather(*queued) == list(range(1, 8))
+    finally:
+        await committer.stop()
+    assert sizes == [2, 2, 2, 1]
+    assert await stored(database, table) == list(range(1, 8))
+
+
 class Died(BaseException):
     """Escapes the committer's per-batch error handling, as a bug in it would."""
 

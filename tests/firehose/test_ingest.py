@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 from sqlalchemy import func, select
@@ -169,3 +171,20 @@ async def test_health_shows_the_buffer(firehose: httpx.AsyncClient) -> None:
     assert health["buffer"]["kind"] in ("direct", "spool")
     assert health["dead_letters"] == 0 or isinstance(health["dead_letters"], int)
     assert health["store"]["status"] == "ok"
+
+
+async def test_events_waiting_in_memory_are_bounded(firehose_app: Any, make_key: Any) -> None:
+    """Past ingest_queue_max_events waiting for their commit, 503 overloaded, nothing accepted."""
+    firehose_app.state.platform.services["buffer"].max_waiting = 10
+    key = await make_key()
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=firehose_app),
+        base_url="http://firehose.test",
+        headers={"Authorization": f"Bearer {key}"},
+    ) as client:
+        replies = await asyncio.gather(
+            *(client.post("/events/batch", json=[event() for _ in range(10)]) for _ in range(5))
+        )
+    codes = sorted((r.status_code, r.json().get("code", "")) for r in replies)
+    assert codes[0] == (202, "") and (503, "overloaded") in codes, codes
+    assert all(r.headers["retry-after"] == "1" for r in replies if r.status_code == 503)

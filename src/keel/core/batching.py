@@ -100,10 +100,16 @@ class GroupCommitter(Generic[ItemT, ResultT]):
         max_batch: int = 512,
         max_queue: int | None = None,
         timeout: float | None = None,
+        weigh: Callable[[ItemT], int] | None = None,
+        max_weight: int | None = None,
     ) -> None:
         self.name = name
         self._apply = apply
         self._max_batch = max_batch
+        # Optionally a batch also stops at max_weight by weigh(item) (say, rows): one batch is
+        # one transaction, which on SQLite runs on the event loop's thread.
+        self._weigh = weigh
+        self._max_weight = max_weight
         self._max_queue = max_queue or database.settings.write_queue_max
         self._timeout = timeout or database.settings.write_timeout_seconds
         self._queue: deque[_Pending[ItemT]] = deque()
@@ -188,10 +194,18 @@ class GroupCommitter(Generic[ItemT, ResultT]):
     def _take(self) -> list[_Pending[ItemT]]:
         """The next batch, leaving out items whose callers stopped waiting while queued."""
         batch: list[_Pending[ItemT]] = []
+        weight = 0
         while self._queue and len(batch) < self._max_batch:
-            pending = self._queue.popleft()
-            if not pending.future.done():
-                batch.append(pending)
+            head = self._queue[0]
+            if head.future.done():
+                self._queue.popleft()
+                continue
+            heavy = self._weigh(head.item) if self._weigh is not None else 0
+            if batch and self._max_weight is not None and weight + heavy > self._max_weight:
+                break  # the next batch starts with it
+            self._queue.popleft()
+            batch.append(head)
+            weight += heavy
         return batch
 
     def _sweep(self) -> None:

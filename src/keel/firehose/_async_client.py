@@ -75,6 +75,8 @@ class AsyncClient:
         # (monotonic capture time, event fragment), oldest first.
         self._queue: collections.deque[tuple[float, bytes]] = collections.deque()
         self._in_flight = 0
+        self._enqueued = 0  # events ever queued, and of those, events whose batch has settled
+        self._settled = 0
         self._flushing = 0
         self._stopping = False
         self._closed = False
@@ -82,6 +84,7 @@ class AsyncClient:
         self._wake = asyncio.Event()  # the sender's plan may have changed
         self._idle = asyncio.Event()  # nothing queued, nothing in flight
         self._idle.set()
+        self._batch_done = asyncio.Event()
         self._abandon = asyncio.Event()  # close() timed out: stop retrying, report the rest
         self._sender: asyncio.Task[None] | None = None
 
@@ -110,6 +113,7 @@ class AsyncClient:
         if self._sender is None:  # before queueing: outside a running loop this raises
             self._sender = asyncio.get_running_loop().create_task(self._send_forever())
         self._queue.append((time.monotonic(), fragment))
+        self._enqueued += 1
         self._idle.clear()
         if len(self._queue) in (1, self._settings.batch_size):
             self._wake.set()
@@ -117,13 +121,15 @@ class AsyncClient:
         return eid
 
     async def flush(self) -> None:
-        """Send everything queued now and return once all of it is settled."""
-        if self._idle.is_set():
-            return
+        """Send everything queued now and return once all of it is settled (not what is
+        captured meanwhile)."""
+        target = self._enqueued
         self._flushing += 1
         self._wake.set()
         try:
-            await self._idle.wait()
+            while self._settled < target:
+                self._batch_done.clear()
+                await self._batch_done.wait()
         finally:
             self._flushing -= 1
 
@@ -174,6 +180,8 @@ class AsyncClient:
             except Exception:  # a bug must not stop all sending; the delivery reported the batch
                 log.exception("firehose: the sender failed on a batch")
             finally:
+                self._settled += len(batch)
+                self._batch_done.set()
                 self._in_flight = 0
                 if not self._queue:
                     self._idle.set()

@@ -70,7 +70,7 @@ class ClientClosed(RuntimeError):
 class Backoff:
     """Exponential backoff with jitter: attempt *n* waits between half and all of
     ``min(max, base * 2**n)`` seconds ("equal jitter": clients that failed together spread out,
-    yet none retries at once). A ``Retry-After`` longer than that wins."""
+    yet none retries at once). With a ``Retry-After``, it waits that plus a jitter."""
 
     base: float = 0.1
     max: float = 10.0
@@ -78,7 +78,11 @@ class Backoff:
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         ceiling = min(self.max, math.ldexp(self.base, attempt))
         jittered = ceiling / 2 + random.uniform(0, ceiling / 2)
-        return max(jittered, retry_after or 0.0)
+        if retry_after is None:
+            return jittered
+        # On top of Retry-After, not instead: every client the same 503 refused would otherwise
+        # come back in the same millisecond.
+        return retry_after + random.uniform(0, jittered)
 
 
 @dataclass

@@ -93,7 +93,7 @@ async def ingest_event(request: Request, plat: PlatformDep, _key: WriteKey) -> R
         if refused.loc is not None:
             return invalid_request([{"loc": refused.loc, "msg": refused.detail}])
         raise refused.error(refused.detail) from None
-    await buffer_of(plat).append((row,))
+    await buffer_of(plat).submit((row,))
     ACCEPTED.inc()
     return Response(
         b'{"status":"accepted","event_id":"%s"}' % str(row.event_id).encode(),
@@ -122,7 +122,7 @@ async def ingest_batch(request: Request, plat: PlatformDep, _key: WriteKey) -> R
     if not rows:
         detail = "; ".join(f"[{r.index}] {r.code}: {r.detail}" for r in rejected[:20])
         raise errors.InvalidEvents(detail or "The batch holds no events.")
-    await buffer_of(plat).append(rows)
+    await buffer_of(plat).submit(rows)
     ACCEPTED.inc(len(rows))
     result = BatchAccepted(
         accepted=len(rows),

@@ -47,6 +47,7 @@ async def firehose_workers(plat: Platform) -> AsyncIterator[None]:
     settings = plat.settings
     assert isinstance(settings, FirehoseSettings)
     buffer = make_buffer(plat, settings)
+    buffer.max_waiting = settings.ingest_queue_max_events
     await buffer.start()
     plat.services["buffer"] = buffer
     plat.add_readiness_check(buffer.unready)

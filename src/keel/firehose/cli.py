@@ -59,6 +59,7 @@ async def _replay(url: str, limit: int) -> None:
     """Replays straight into the store (this command runs beside the service, not through it)."""
     from keel.core.database import Database, create_engine
     from keel.firehose.buffers.direct import DirectBuffer
+    from keel.firehose.service import last_dead_letter_id
     from keel.firehose.service import replay_dead_letters as replay
     from keel.firehose.settings import FirehoseSettings
 
@@ -66,10 +67,19 @@ async def _replay(url: str, limit: int) -> None:
     buffer = DirectBuffer(database, FirehoseSettings(database_url=url))
     await buffer.start()
     try:
-        done, last = 0, None  # those refused again come back with new ids: not replayed twice
-        while done < limit:
+        # What is dead now, once: an event refused again returns as a new dead letter (or the
+        # same one, updated), and this run must not chase it.
+        async with database.read() as conn:
+            up_to = await last_dead_letter_id(conn)
+        done, last = 0, None
+        while done < limit and up_to is not None:
             replayed, last = await replay(
-                database, buffer, ids=None, limit=min(1000, limit - done), after_id=last
+                database,
+                buffer,
+                ids=None,
+                limit=min(1000, limit - done),
+                after_id=last,
+                up_to_id=up_to,
             )
             if not replayed:
                 break

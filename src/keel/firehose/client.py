@@ -100,6 +100,8 @@ class Client:
         self._queue: collections.deque[tuple[float, bytes]] = collections.deque()
         self._changed = threading.Condition()
         self._in_flight = 0
+        self._enqueued = 0  # events ever queued, and of those, events whose batch has settled:
+        self._settled = 0  # one sender, first in first out, so the first n settle first
         self._flushing = 0
         self._stopping = False
         self._closed = False
@@ -132,6 +134,7 @@ class Client:
             if len(self._queue) >= self._settings.max_queue:
                 raise QueueFull(f"{len(self._queue)} events are waiting to be sent")
             self._queue.append((time.monotonic(), fragment))
+            self._enqueued += 1
             waiting = len(self._queue)
             if self._sender is None:
                 self._sender = threading.Thread(
@@ -145,13 +148,17 @@ class Client:
         return eid
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Send everything queued now; block until it is settled. False if ``timeout`` ran out."""
+        """Send everything queued now; block until it is settled. False if ``timeout`` ran out.
+
+        Events captured after the call (by other threads) are not waited for.
+        """
         self._not_from_sender("flush")
         with self._changed:
+            target = self._enqueued
             self._flushing += 1
             self._changed.notify_all()
             try:
-                return self._changed.wait_for(self._idle, timeout)
+                return self._changed.wait_for(lambda: self._settled >= target, timeout)
             finally:
                 self._flushing -= 1
 
@@ -194,9 +201,6 @@ class Client:
         if threading.current_thread() is self._sender:
             raise RuntimeError(f"{method}() cannot be called from on_error")
 
-    def _idle(self) -> bool:
-        return not self._queue and not self._in_flight
-
     def _send_forever(self) -> None:
         while (batch := self._take_batch()) is not None:
             try:
@@ -205,6 +209,7 @@ class Client:
                 log.exception("firehose: the sender failed on a batch")
             finally:
                 with self._changed:
+                    self._settled += len(batch)
                     self._in_flight = 0
                     self._changed.notify_all()
 

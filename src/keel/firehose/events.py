@@ -36,7 +36,7 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)
 class EventIn(msgspec.Struct):
     """One event as a client sends it (unknown fields are ignored, as collectors do)."""
 
-    user_id: UserId | int
+    user_id: UserId | Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
     timestamp: float | datetime  # epoch seconds or RFC 3339
     event_id: UUID | None = None
     name: Name | None = None
@@ -76,6 +76,7 @@ class EventRefused(Exception):
 
 
 _decode_event = msgspec.json.Decoder(EventIn).decode
+_RESERVED_IDS = (UUID(int=0), UUID(int=2**128 - 1))
 _decode_array = msgspec.json.Decoder(list[msgspec.Raw]).decode
 
 
@@ -110,6 +111,12 @@ def to_row(event: EventIn, received_us: int) -> EventRow:
         timestamp = original + (received_us - sent_at)  # the client's clock skew, taken out
         _in_range(timestamp, "timestamp, corrected by the skew of sent_at,")
     user_id = event.user_id if isinstance(event.user_id, str) else str(event.user_id)
+    if event.event_id in _RESERVED_IDS:
+        raise EventRefused(
+            errors.InvalidRequest,
+            "event_id may not be the nil or max UUID (an id never set?)",
+            ["body", "event_id"],
+        )
     return EventRow(
         event.event_id or uuid7(),
         user_id,
@@ -154,9 +161,15 @@ def _metadata(raw: msgspec.Raw) -> str | None:
             errors.EventTooLarge, f"metadata is over {METADATA_MAX_BYTES // 1024} KiB encoded"
         )
     try:
-        return data.decode()
+        text = data.decode()
+        msgspec.json.decode(data)  # every number must read back (1e999 does not)
     except UnicodeDecodeError:
         raise EventRefused(errors.InvalidUtf8, "metadata is not valid UTF-8") from None
+    except msgspec.ValidationError as exc:
+        raise EventRefused(
+            errors.InvalidRequest, f"metadata: {exc}", ["body", "metadata"]
+        ) from None
+    return text
 
 
 def decode_batch(
@@ -169,6 +182,9 @@ def decode_batch(
     """
     items: list[bytes] | list[msgspec.Raw]
     if ndjson:
+        # Count before splitting: 1 MiB of empty lines must not become a million objects.
+        if body.count(b"\n") > 4 * BATCH_MAX_EVENTS:
+            raise errors.TooManyEvents(f"A batch holds at most {BATCH_MAX_EVENTS} events.")
         items = [line for line in body.split(b"\n") if line.strip()]
     else:
         try:
@@ -194,23 +210,33 @@ def decode_batch(
 
 
 def inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """The body with its ``Content-Encoding`` undone; refused if it inflates past ``limit``."""
+    """The body with its ``Content-Encoding`` undone; refused if it inflates past ``limit``.
+
+    A gzip body may be several members one after another (``cat a.gz b.gz``, pigz, streaming
+    writers): each is inflated in turn, the limit counting them all. Bytes after the last member
+    that are not gzip are refused, never ignored: nothing a client sent is silently dropped.
+    """
     if not encoding or encoding.strip().lower() == "identity":
         return body
     if encoding.strip().lower() not in ("gzip", "x-gzip"):
-        raise errors.UnsupportedEncoding(
-            f"Content-Encoding {encoding[:40]!r}: only gzip is accepted."
-        )
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    try:
-        data = inflater.decompress(body, limit + 1)
-    except zlib.error:
-        raise errors.BadRequest("The gzip body is corrupt.") from None
-    if len(data) > limit or inflater.unconsumed_tail:
-        raise errors.PayloadTooLarge(f"The body inflates past {limit} bytes.")
-    if not inflater.eof:
-        raise errors.BadRequest("The gzip body is truncated.")
-    return data
+        raise errors.UnsupportedEncoding(f"Content-Encoding {encoding[:40]!r}: send gzip or none.")
+    parts: list[bytes] = []
+    size, rest = 0, body
+    while True:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            part = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error:
+            raise errors.BadRequest("The gzip body is corrupt.") from None
+        size += len(part)
+        if size > limit or inflater.unconsumed_tail:
+            raise errors.PayloadTooLarge(f"The body inflates past {limit} bytes.")
+        if not inflater.eof:
+            raise errors.BadRequest("The gzip body is truncated.")
+        parts.append(part)
+        rest = inflater.unused_data
+        if not rest:
+            return b"".join(parts)
 
 
 _ONE_MICROSECOND = datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=UTC) - _EPOCH

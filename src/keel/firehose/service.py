@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select
+import msgspec
+from sqlalchemy import Text, cast, delete, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keel.core.database import Database
@@ -58,7 +59,7 @@ def _event_id(value: Any) -> uuid.UUID:
 def _stored(row: Any) -> StoredEvent:
     metadata = row.metadata
     if isinstance(metadata, str):
-        metadata = json.loads(metadata)
+        metadata = msgspec.json.decode(metadata)  # integers of any length, as ingest took them
     return StoredEvent(
         seq=row.seq,
         event_id=_event_id(row.event_id),
@@ -74,7 +75,9 @@ def _stored(row: Any) -> StoredEvent:
 
 async def list_events(conn: AsyncConnection, query: EventQuery) -> Page[StoredEvent]:
     """Newest first (arrival order), filtered; one page past ``before_seq``."""
-    statement = select(events)
+    # metadata as its text: SQLAlchemy's JSONB reader (json.loads) refuses integers ingest took
+    columns = [c for c in events.c if c.key != "metadata"]
+    statement = select(*columns, cast(events.c.metadata, Text).label("metadata"))
     if query.user_id is not None:
         statement = statement.where(events.c.user_id == query.user_id)
     if query.name is not None:
@@ -145,8 +148,15 @@ async def list_dead_letters(
     return Page(items=items, next_cursor=encode_cursor(items[-1].id) if more else None)
 
 
-async def count_dead_letters(conn: AsyncConnection) -> int:
-    return int((await conn.execute(select(func.count()).select_from(dead_letters))).scalar_one())
+async def count_dead_letters(conn: AsyncConnection, cap: int = 10_000) -> int:
+    """How many dead letters there are, counting no further than ``cap`` (for /health)."""
+    some = select(dead_letters.c.id).limit(cap).subquery()
+    return int((await conn.execute(select(func.count()).select_from(some))).scalar_one())
+
+
+async def last_dead_letter_id(conn: AsyncConnection) -> int | None:
+    last = (await conn.execute(select(func.max(dead_letters.c.id)))).scalar_one()
+    return None if last is None else int(last)
 
 
 async def replay_dead_letters(
@@ -156,21 +166,34 @@ async def replay_dead_letters(
     ids: Sequence[int] | None,
     limit: int,
     after_id: int | None = None,
+    up_to_id: int | None = None,
 ) -> tuple[int, int | None]:
     """Append dead letters to the buffer again, then remove them; returns (count, last id).
 
     In that order: a crash between the two leaves a dead letter whose event may also be stored;
-    replaying it again stores nothing twice (events are deduplicated by id).
+    replaying it again stores nothing twice (events are deduplicated by id). A letter whose
+    event was refused again meanwhile (its row updated with the new reason) is kept.
     """
-    statement = select(dead_letters.c.id, dead_letters.c.event).order_by(dead_letters.c.id)
+    statement = select(
+        dead_letters.c.id, dead_letters.c.event, dead_letters.c.failed_at_us
+    ).order_by(dead_letters.c.id)
     statement = statement.where(dead_letters.c.id.in_(ids)) if ids else statement.limit(limit)
     if after_id is not None:
         statement = statement.where(dead_letters.c.id > after_id)
+    if up_to_id is not None:
+        statement = statement.where(dead_letters.c.id <= up_to_id)
     async with database.read() as conn:
         found = (await conn.execute(statement)).all()
     if not found:
         return 0, after_id
-    await buffer.append([row_from_json(row.event) for row in found])
+    await buffer.submit([row_from_json(row.event) for row in found])
     async with database.write() as conn:
-        await conn.execute(delete(dead_letters).where(dead_letters.c.id.in_([r.id for r in found])))
+        # Only letters unchanged since read: one refused again meanwhile (its failed_at_us
+        # updated by the same event's new refusal) stays.
+        seen = [(r.id, r.failed_at_us) for r in found]
+        await conn.execute(
+            delete(dead_letters).where(
+                tuple_(dead_letters.c.id, dead_letters.c.failed_at_us).in_(seen)
+            )
+        )
     return len(found), found[-1].id

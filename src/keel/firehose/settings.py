@@ -30,8 +30,12 @@ class FirehoseSettings(ServiceSettings):
     # Writers move events from the buffer to the store by size or by age, whichever comes first.
     flush_size: int = Field(default=5_000, ge=1, le=100_000)
     flush_age_ms: int = Field(default=200, ge=1)
-    # Requests whose events one buffer transaction (group commit) carries at most.
+    # Requests whose events one buffer transaction (group commit) carries at most, and events.
     max_batch: int = Field(default=512, ge=1)
+    max_batch_events: int = Field(default=10_000, ge=1)
+    # Events a process holds in memory waiting for their group commit; past it, 503 overloaded
+    # (a bound on memory: 4,096 queued requests of 1 MiB each would be 4 GiB).
+    ingest_queue_max_events: int = Field(default=50_000, ge=1)
     redis_stream: str = "keel:firehose:events"
     redis_group: str = "keel-firehose-writers"
     # A Redis entry read by a writer and not acknowledged for this long is taken over by another.

@@ -63,12 +63,17 @@ _PG_FROM_STAGING = (
     " original_timestamp_us, sent_at_us, received_at_us, metadata"
     " FROM firehose_staging ON CONFLICT (event_id) DO NOTHING"
 )
+# One dead letter per event: a refused event sent again (a client's retry, a replay) updates it.
 _DEAD_LETTER_SQLITE = (
     "INSERT INTO firehose_dead_letters (event_id, event, reason, failed_at_us) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (event_id) DO UPDATE SET reason = excluded.reason,"
+    " failed_at_us = excluded.failed_at_us"
 )
 _DEAD_LETTER_PG = (
     "INSERT INTO firehose_dead_letters (event_id, event, reason, failed_at_us)"
     " VALUES ($1, $2, $3, $4)"
+    " ON CONFLICT (event_id) DO UPDATE SET reason = excluded.reason,"
+    " failed_at_us = excluded.failed_at_us"
 )
 
 
@@ -103,22 +108,29 @@ def insert_rows(conn: Connection, rows: Sequence[EventRow]) -> None:
     if isinstance(driver, sqlite3.Connection):  # Database.run_write's plain connection
         driver.executemany(_SQLITE_INSERT, [_sqlite_values(row) for row in rows])
         return
+    _insert_or_split(conn, list(rows))
+
+
+def _insert_or_split(conn: Connection, rows: list[EventRow]) -> None:
+    """Insert under a savepoint; if the store refuses the rows' data, halve until the refused
+    ones stand alone (a few dozen statements for one bad event in thousands, not one per row)."""
     try:
         with conn.begin_nested():
-            conn.exec_driver_sql(_PG_INSERT, list(rows))
+            conn.exec_driver_sql(_PG_INSERT, rows)
+        return
     except DBAPIError as exc:
         if not refused_for_its_data(exc):
             raise
-        for row in rows:
-            try:
-                with conn.begin_nested():
-                    conn.exec_driver_sql(_PG_INSERT, tuple(row))
-            except DBAPIError as refused:
-                if not refused_for_its_data(refused):
-                    raise
-                conn.exec_driver_sql(
-                    _DEAD_LETTER_PG, (row.event_id, event_json(row), _reason(refused), now_us())
-                )
+        if len(rows) == 1:
+            [row] = rows
+            log.warning("event %s refused by the store: %s", row.event_id, _reason(exc))
+            conn.exec_driver_sql(
+                _DEAD_LETTER_PG, (row.event_id, event_json(row), _reason(exc), now_us())
+            )
+            return
+    half = len(rows) // 2
+    _insert_or_split(conn, rows[:half])
+    _insert_or_split(conn, rows[half:])
 
 
 def _sqlite_values(row: EventRow) -> tuple[Any, ...]:

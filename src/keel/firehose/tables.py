@@ -40,15 +40,17 @@ events = Table(
     Column("sent_at_us", BigInteger),
     Column("received_at_us", BigInteger, nullable=False),
     Column("metadata", Metadata),
+    # Reading back pages newest first by seq: each filter has an index in that order.
     Index("ix_firehose_events_timestamp_us", "timestamp_us"),
-    Index("ix_firehose_events_user_id_timestamp_us", "user_id", "timestamp_us"),
+    Index("ix_firehose_events_user_id_seq", "user_id", "seq"),
+    Index("ix_firehose_events_name_seq", "name", "seq"),
 )
 
 dead_letters = Table(
     "firehose_dead_letters",
     metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
-    Column("event_id", EventId, nullable=False),
+    Column("event_id", EventId, nullable=False, unique=True),  # a refused retry: one letter
     Column("event", Text, nullable=False),  # the event as JSON text; TEXT keeps what JSONB refused
     Column("reason", Text, nullable=False),
     Column("failed_at_us", BigInteger, nullable=False),

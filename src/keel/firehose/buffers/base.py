@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from keel.core.errors import Overloaded
 from keel.firehose.events import EventRow
 
 BUFFER_DEPTH = Gauge(
@@ -96,6 +97,22 @@ class Buffer(ABC):
     """A durable place for accepted events, and the writers that empty it into the store."""
 
     kind: ClassVar[str]
+    waiting = 0  # events of this process waiting for their group commit now
+    max_waiting = 50_000
+
+    async def submit(self, rows: Sequence[EventRow]) -> None:
+        """:meth:`append`, refused with 503 ``overloaded`` past ``max_waiting`` events in memory."""
+        if self.waiting + len(rows) > self.max_waiting and self.waiting:
+            raise Overloaded(
+                f"{self.waiting} events are waiting to be written here; nothing was accepted;"
+                " retry.",
+                headers={"Retry-After": "1"},
+            )
+        self.waiting += len(rows)
+        try:
+            await self.append(rows)
+        finally:
+            self.waiting -= len(rows)
 
     @abstractmethod
     async def start(self) -> None:

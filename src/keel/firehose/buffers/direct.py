@@ -36,6 +36,8 @@ class DirectBuffer(Buffer):
             database=database,
             apply=_write_events,
             max_batch=settings.max_batch,
+            weigh=len,
+            max_weight=settings.max_batch_events,
         )
 
     async def start(self) -> None:

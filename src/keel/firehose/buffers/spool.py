@@ -146,6 +146,8 @@ class SpoolBuffer(Buffer):
             database=self.spool,
             apply=self._spool_requests,
             max_batch=settings.max_batch,
+            weigh=len,
+            max_weight=settings.max_batch_events,
         )
         self.status = StoreStatus()
         self._appended = asyncio.Event()

@@ -38,9 +38,8 @@ def upgrade() -> None:
         sa.UniqueConstraint("event_id", name=op.f("uq_firehose_events_event_id")),
     )
     op.create_index("ix_firehose_events_timestamp_us", "firehose_events", ["timestamp_us"])
-    op.create_index(
-        "ix_firehose_events_user_id_timestamp_us", "firehose_events", ["user_id", "timestamp_us"]
-    )
+    op.create_index("ix_firehose_events_user_id_seq", "firehose_events", ["user_id", "seq"])
+    op.create_index("ix_firehose_events_name_seq", "firehose_events", ["name", "seq"])
     op.create_table(
         "firehose_dead_letters",
         sa.Column("id", _ID, autoincrement=True, nullable=False),
@@ -49,11 +48,13 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("failed_at_us", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_firehose_dead_letters")),
+        sa.UniqueConstraint("event_id", name=op.f("uq_firehose_dead_letters_event_id")),
     )
 
 
 def downgrade() -> None:
     op.drop_table("firehose_dead_letters")
-    op.drop_index("ix_firehose_events_user_id_timestamp_us", table_name="firehose_events")
+    op.drop_index("ix_firehose_events_name_seq", table_name="firehose_events")
+    op.drop_index("ix_firehose_events_user_id_seq", table_name="firehose_events")
     op.drop_index("ix_firehose_events_timestamp_us", table_name="firehose_events")
     op.drop_table("firehose_events")
