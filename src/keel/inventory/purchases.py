@@ -31,9 +31,14 @@ from sqlalchemy.engine import Connection
 from keel.core.batching import GroupCommitter
 from keel.core.database import Database
 from keel.core.errors import KeelError
-from keel.core.idempotency import IdempotencyStore, IdempotentRequest, StoredResponse
+from keel.core.idempotency import (
+    IdempotencyStore,
+    IdempotentRequest,
+    StoredResponse,
+    pg_record_args,
+)
 from keel.core.statements import BulkStatement, allocate_ids
-from keel.inventory import stock
+from keel.inventory import pg_purchases, stock
 from keel.inventory.errors import ItemNotFound, LimitExceeded, SoldOut
 from keel.inventory.schemas import Order
 from keel.inventory.tables import OUTBOX, items, orders
@@ -85,12 +90,16 @@ def _outcome(purchase: Purchase) -> PurchaseOutcome:
 def apply_batch(conn: Connection, store: IdempotencyStore, batch: list[Purchase]) -> None:
     """Apply a batch inside the caller's write transaction; see the module docstring."""
     _claim_keys(conn, store, batch)
-    _check_items(conn, batch)
-    _reserve_limits(conn, batch)
-    sold_out = _take_stock(conn, batch)
+    postgres = conn.dialect.name == "postgresql"
+    if postgres:
+        sold_out, reserved_ids = _take_on_postgres(conn, batch)
+    else:
+        _check_items(conn, batch)
+        _reserve_limits(conn, batch)
+        sold_out = _take_stock(conn, batch)
     granted = [p for p in batch if p.pending]
     now = datetime.now(UTC)
-    ids = allocate_ids(conn, orders, len(granted))
+    ids = reserved_ids[: len(granted)] if postgres else allocate_ids(conn, orders, len(granted))
     placed = []
     for purchase, order_id in zip(granted, ids, strict=True):
         purchase.result = Order(
@@ -103,20 +112,6 @@ def apply_batch(conn: Connection, store: IdempotencyStore, batch: list[Purchase]
             created_at=now,
         )
         placed.append(purchase.result)
-    _INSERT_ORDERS.execute(
-        conn,
-        [
-            {
-                **o.model_dump(include={"item_id", "user_id", "quantity", "state"}),
-                "id": o.order_id,
-                "reservation_id": None,
-                "created_at": now,
-            }
-            for o in placed
-        ],
-    )
-    OUTBOX.publish_many(conn, "order.placed", [o.model_dump_json() for o in placed], created_at=now)
-    stock.publish_sold_out(conn, sold_out, now)
     completed = [
         (p.idempotency, 201, p.result.model_dump_json())
         for p in granted
@@ -127,8 +122,70 @@ def apply_batch(conn: Connection, store: IdempotencyStore, batch: list[Purchase]
         for p in batch
         if p.claimed and p.idempotency is not None and isinstance(p.result, KeelError)
     ]
+    events = OUTBOX.rows("order.placed", [o.model_dump_json() for o in placed], now)
+    if sold_out:
+        events += OUTBOX.rows("item.sold_out", stock.sold_out_payloads(sold_out, now), now)
+    if postgres:
+        pg_purchases.write_all(
+            conn,
+            orders=[(o.order_id, o.item_id, o.user_id, o.quantity) for o in placed],
+            created_at=now,
+            service=OUTBOX.service,
+            events=[(e["event_type"], e["event_id"], e["payload"]) for e in events],
+            keys=pg_record_args(completed, released),
+        )
+        return
+    _INSERT_ORDERS.execute(
+        conn,
+        [
+            {
+                "id": o.order_id,
+                "item_id": o.item_id,
+                "user_id": o.user_id,
+                "quantity": o.quantity,
+                "state": "placed",
+                "reservation_id": None,
+                "created_at": now,
+            }
+            for o in placed
+        ],
+    )
+    OUTBOX.insert_rows(conn, events)
     store.complete_many(conn, completed)
     store.release_many(conn, released)
+
+
+def _take_on_postgres(conn: Connection, batch: list[Purchase]) -> tuple[list[int], list[int]]:
+    """Each item's total in one statement where it can be had whole; the rest one by one.
+
+    Returns the items this batch sold out and the order ids reserved for it.
+    """
+    pending = [p for p in batch if p.pending]
+    if not pending:
+        return [], []
+    taken = pg_purchases.take_all(conn, [(p.item_id, p.quantity) for p in pending], len(pending))
+    whole: dict[int, list[Purchase]] = defaultdict(list)
+    rest = []
+    for purchase in pending:
+        if purchase.item_id not in taken.existing:
+            purchase.result = ItemNotFound(f"No item with id {purchase.item_id}.")
+        elif purchase.item_id in taken.left:
+            whole[purchase.item_id].append(purchase)
+        else:
+            rest.append(purchase)  # nearly sold out, or limited per user
+    sold_out = []
+    for item_id, wanted in whole.items():
+        left = taken.left[item_id]
+        if left == 0:
+            sold_out.append(item_id)
+        for purchase in reversed(wanted):  # each sees what was left right after it
+            purchase.remaining = left
+            left += purchase.quantity
+    if rest:
+        _check_items(conn, rest)
+        _reserve_limits(conn, rest)
+        sold_out += _take_stock(conn, rest)
+    return sold_out, taken.order_ids
 
 
 def _claim_keys(conn: Connection, store: IdempotencyStore, batch: list[Purchase]) -> None:

@@ -89,7 +89,10 @@ def limit_of(conn: Connection, item_id: int) -> tuple[bool, int | None]:
     return (row is not None, None if row is None else row[0])
 
 
+def sold_out_payloads(item_ids: Sequence[int], now: datetime) -> list[str]:
+    return [json.dumps({"item_id": item_id, "at": now.isoformat()}) for item_id in item_ids]
+
+
 def publish_sold_out(conn: Connection, item_ids: Sequence[int], now: datetime) -> None:
     if item_ids:
-        payloads = [json.dumps({"item_id": item_id, "at": now.isoformat()}) for item_id in item_ids]
-        OUTBOX.publish_many(conn, "item.sold_out", payloads, created_at=now)
+        OUTBOX.publish_many(conn, "item.sold_out", sold_out_payloads(item_ids, now), created_at=now)

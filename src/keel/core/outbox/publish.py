@@ -70,6 +70,10 @@ class Outbox:
         """Publish one event (``data``: a JSON-able value or a pydantic model); returns its id."""
         return self.publish_many(conn, event_type, [_json(data)])[0]
 
+    def insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Insert rows made by :meth:`rows` (of one or several types) in one call."""
+        _INSERT.execute(conn, rows)
+
     def publish_many(
         self,
         conn: Connection,
