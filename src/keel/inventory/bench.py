@@ -61,7 +61,7 @@ class InventoryWorkload:
     """One item with more stock than a run can sell; purchases of it; the stock audit."""
 
     def seed(self, base_url: str, api_key: str, count: int) -> list[int]:
-        return asyncio.run(_seed(base_url, api_key))
+        return asyncio.run(_seed(base_url, api_key, count))
 
     def lua_script(self, scenario: Scenario, ids: list[int], api_key: str) -> str:
         return _SCRIPT.format(item=ids[0], key=api_key)
@@ -82,19 +82,27 @@ class InventoryWorkload:
         return True
 
 
-async def _seed(base_url: str, api_key: str) -> list[int]:
+async def _seed(base_url: str, api_key: str, count: int) -> list[int]:
+    """``count`` items, each with more stock than a run can sell; the first is the hot one."""
     import httpx
 
     from keel.bench.stage import StageError
 
-    body = {"sku": f"bench-{time.time_ns()}", "name": "bench item", "stock": BENCH_STOCK}
+    stamp = time.time_ns()
+    gate = asyncio.Semaphore(32)
+
+    async def make(client: httpx.AsyncClient, n: int) -> int:
+        body = {"sku": f"bench-{stamp}-{n}", "name": f"bench item {n}", "stock": BENCH_STOCK}
+        async with gate:
+            made = await client.post("/items", json=body)
+        if made.status_code != 201:
+            raise StageError(f"POST /items answered {made.status_code}: {made.text[:200]}")
+        return int(made.json()["id"])
+
     async with httpx.AsyncClient(
         base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30.0
     ) as client:
-        made = await client.post("/items", json=body)
-    if made.status_code != 201:
-        raise StageError(f"POST /items answered {made.status_code}: {made.text[:200]}")
-    return [int(made.json()["id"])]
+        return list(await asyncio.gather(*(make(client, n) for n in range(count))))
 
 
 BENCH = ServiceBench(
