@@ -28,14 +28,13 @@ import httpx
 import pytest
 
 from keel.core.database import Database, create_engine
-from keel.core.migrate import upgrade
 from keel.firehose.app import create_app
 from keel.firehose.registration import MIGRATIONS
 from keel.firehose.settings import FirehoseSettings
 from tests.firehose.load import Senders, store_counts, until
 from tests.support.ledger import create_key
 from tests.support.live_server import LiveServer
-from tests.support.own_postgres import OwnPostgres, postgres_bin
+from tests.support.own_postgres import OwnPostgres, migrated_own_postgres
 
 pytestmark = pytest.mark.slow
 
@@ -45,16 +44,8 @@ SENDERS = 8
 
 @pytest.fixture
 async def own_postgres() -> AsyncIterator[OwnPostgres]:
-    bin_dir = postgres_bin()
-    if bin_dir is None:
-        pytest.skip("no PostgreSQL server binaries under /usr/lib/postgresql")
-    server = OwnPostgres(bin_dir).init()
-    try:
-        server.start()
-        await upgrade(server.url, [MIGRATIONS])
+    async with migrated_own_postgres([MIGRATIONS]) as server:
         yield server
-    finally:
-        server.destroy()
 
 
 async def acknowledged_stored_once(url: str, acknowledged: list[str]) -> None:

@@ -22,13 +22,12 @@ import pytest
 from sqlalchemy import select
 
 from keel.core.database import Database, create_engine
-from keel.core.migrate import upgrade
 from keel.ledger.registration import MIGRATIONS as LEDGER_MIGRATIONS
 from keel.ledger.tables import entries
 from tests.ledger.helpers import new_user
 from tests.support.ledger import accounts, assert_consistent, create_key
 from tests.support.live_server import LiveServer
-from tests.support.own_postgres import OwnPostgres, postgres_bin
+from tests.support.own_postgres import OwnPostgres, migrated_own_postgres
 
 pytestmark = pytest.mark.slow
 
@@ -47,16 +46,8 @@ ALLOWED = {
 
 @pytest.fixture
 async def own_postgres() -> AsyncIterator[OwnPostgres]:
-    bin_dir = postgres_bin()
-    if bin_dir is None:
-        pytest.skip("no PostgreSQL server binaries under /usr/lib/postgresql")
-    server = OwnPostgres(bin_dir).init()
-    try:
-        server.start()
-        await upgrade(server.url, [LEDGER_MIGRATIONS])
+    async with migrated_own_postgres([LEDGER_MIGRATIONS]) as server:
         yield server
-    finally:
-        server.destroy()
 
 
 @dataclass

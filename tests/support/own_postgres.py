@@ -7,15 +7,21 @@ root (PostgreSQL refuses to run as root) it runs as the ``postgres`` user.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
+from keel.core.chains import MigrationChain
+from keel.core.migrate import upgrade
 from tests.support.live_server import free_port
 
 
@@ -66,3 +72,21 @@ class OwnPostgres:
         if (self.data_dir / "postmaster.pid").exists():
             self.stop_hard()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def migrated_own_postgres(chains: Sequence[MigrationChain]) -> AsyncIterator[OwnPostgres]:
+    """A private PostgreSQL, started and migrated with ``chains``; destroyed afterwards.
+
+    Skips the test where the server binaries are missing (they are on CI's machine).
+    """
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server binaries under /usr/lib/postgresql")
+    server = OwnPostgres(bin_dir).init()
+    try:
+        server.start()
+        await upgrade(server.url, list(chains))
+        yield server
+    finally:
+        server.destroy()
