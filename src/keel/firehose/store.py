@@ -142,9 +142,13 @@ async def copy_rows(database: Database, rows: Sequence[EventRow]) -> None:
         if database.is_sqlite:
             await conn.exec_driver_sql(_SQLITE_INSERT, [_sqlite_values(row) for row in rows])
             return
-        await driver.execute(_PG_STAGING)
-        await driver.copy_records_to_table("firehose_staging", records=rows, columns=COLUMNS)
-        await driver.execute(_PG_FROM_STAGING)
+        # Raw driver calls run outside SQLAlchemy's transaction, which starts lazily with its
+        # first statement: without one of their own each would commit alone, and the staging
+        # table (ON COMMIT DELETE ROWS) would be empty again before the INSERT … SELECT.
+        async with driver.transaction():
+            await driver.execute(_PG_STAGING)
+            await driver.copy_records_to_table("firehose_staging", records=rows, columns=COLUMNS)
+            await driver.execute(_PG_FROM_STAGING)
 
 
 async def dead_letter(database: Database, row: EventRow, reason: str) -> None:
