@@ -32,6 +32,10 @@ def make_buffer(plat: Platform, settings: FirehoseSettings) -> Buffer:
         from keel.firehose.buffers.direct import DirectBuffer
 
         return DirectBuffer(plat.database, settings)
+    if kind == "redis":
+        from keel.firehose.buffers.redis import RedisBuffer
+
+        return RedisBuffer(plat.database, settings)
     raise NotImplementedError(f"KEEL_FIREHOSE_BUFFER={kind} is not built yet")
 
 
