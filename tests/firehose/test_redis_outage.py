@@ -1,0 +1,202 @@
+"""A Redis of the test's own, stopped, frozen and killed under the Redis buffer (never the shared).
+
+Redis down: ingest says 503 ``buffer_unavailable``, never a 202 it cannot keep, and takes events
+again once Redis is back. Redis with AOF (``appendfsync always``) killed with SIGKILL under load:
+after it restarts on the same directory, every event that got a 202 is stored exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from keel.core.database import Database, create_engine
+from keel.firehose.app import create_app
+from keel.firehose.buffers.redis import RedisBuffer
+from tests.firehose.redis_support import (
+    events_with_ids,
+    eventually,
+    redis_settings,
+    stream_state,
+    unique_stream,
+)
+from tests.firehose.test_ingest import stored
+from tests.support.ledger import create_key
+from tests.support.redis_server import PrivateRedis
+
+pytestmark = pytest.mark.slow
+
+POSTERS = 16
+KILL_AFTER = 1_500  # events acknowledged before Redis is killed
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Callable[..., PrivateRedis]]:
+    servers: list[PrivateRedis] = []
+
+    def start(*, appendonly: bool = False) -> PrivateRedis:
+        directory = tmp_path / f"redis-{len(servers)}"
+        directory.mkdir()
+        server = PrivateRedis(directory, appendonly=appendonly)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+async def store(postgres_url: str) -> AsyncIterator[Database]:
+    database = Database(create_engine(postgres_url))
+    yield database
+    await database.dispose()
+
+
+@asynccontextmanager
+async def firehose_on(app: Any, key: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The app's lifespan (buffer and writer started) and a client of it in-process."""
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://firehose.test",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30.0,
+        ) as client,
+    ):
+        yield client
+
+
+async def all_stored_once(database: Database, ids: list[str]) -> bool:
+    return set((await stored(database, *ids)).values()) == {1}
+
+
+async def test_redis_down_is_503_never_202_and_back_is_202(
+    private_redis: Callable[..., PrivateRedis], postgres_url: str, store: Database
+) -> None:
+    redis = private_redis()
+    settings = redis_settings(postgres_url, redis.url, unique_stream(), redis_timeout_seconds=0.5)
+    key = await create_key(postgres_url)
+    async with firehose_on(create_app(settings), key) as client:
+        before = events_with_ids(1)[0]
+        assert (await client.post("/events", json=before)).status_code == 202
+
+        redis.stop()
+        for event in events_with_ids(5):
+            reply = await client.post("/events", json=event)
+            assert reply.status_code == 503, reply.text
+            assert reply.json()["code"] == "buffer_unavailable"
+            assert reply.headers["retry-after"] == "1"
+        health = (await client.get("/health")).json()
+        assert health["buffer"]["redis"].startswith("unavailable")
+
+        redis.start()  # empty: this one keeps nothing on disk
+        after = events_with_ids(1)[0]
+
+        async def accepted_again() -> bool:
+            return (await client.post("/events", json=after)).status_code == 202
+
+        await eventually(accepted_again, "ingest to answer 202 once Redis is back")
+        ids = [str(before["event_id"]), str(after["event_id"])]
+        await eventually(lambda: all_stored_once(store, ids), "both events stored once")
+
+        redis.freeze()  # accepts connections, answers nothing: a stalled Redis
+        try:
+            reply = await client.post("/events", json=events_with_ids(1)[0])
+            assert (reply.status_code, reply.json()["code"]) in {
+                (502, "outcome_unknown"),  # sent, never answered: it may be in
+                (503, "buffer_unavailable"),
+            }
+        finally:
+            redis.thaw()
+
+
+@dataclass
+class Load:
+    """Every event id that got a 202, and every answer that was not one."""
+
+    kill_after: int
+    acknowledged: list[str] = field(default_factory=list)
+    other: list[tuple[int, str]] = field(default_factory=list)
+    enough: asyncio.Event = field(default_factory=asyncio.Event)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def poster(self, client: httpx.AsyncClient) -> None:
+        while not self.stop.is_set():
+            batch = events_with_ids(10)
+            reply = await client.post("/events/batch", json=batch)
+            if reply.status_code == 202:
+                self.acknowledged += [str(e["event_id"]) for e in batch]
+                if len(self.acknowledged) >= self.kill_after:
+                    self.enough.set()
+            else:
+                self.other.append((reply.status_code, reply.json()["code"]))
+                await asyncio.sleep(0.01)  # Redis is down: do not spin
+
+
+async def test_a_redis_with_aof_killed_under_load_keeps_every_202(
+    private_redis: Callable[..., PrivateRedis], postgres_url: str, store: Database
+) -> None:
+    """Ingest only (its writer stopped, so no event is stored from a writer's memory): every
+    202'd event must come back from the replayed AOF, and then be stored once."""
+    redis = private_redis(appendonly=True)
+    stream = unique_stream()
+    settings = redis_settings(postgres_url, redis.url, stream, redis_timeout_seconds=0.5)
+    key = await create_key(postgres_url)
+    load = Load(KILL_AFTER)
+    app = create_app(settings)
+    async with firehose_on(app, key) as client:
+        health = (await client.get("/health")).json()
+        assert health["buffer"]["durability"] == "a Redis crash"
+        buffer: Any = app.state.platform.services["buffer"]
+        buffer._writer.stop()
+        await asyncio.wait([buffer._writer_task])
+
+        posters = [asyncio.create_task(load.poster(client)) for _ in range(POSTERS)]
+        await asyncio.wait_for(load.enough.wait(), timeout=120)
+        redis.kill()  # SIGKILL: only what was fsynced survives
+
+        async def refused() -> bool:
+            return bool(load.other)
+
+        await eventually(refused, "the load to meet the dead Redis")
+        load.stop.set()
+        await asyncio.wait_for(asyncio.gather(*posters), timeout=60)
+        assert {code for _, code in load.other} <= {"buffer_unavailable", "outcome_unknown"}
+
+    redis.start()  # same directory: the AOF is replayed
+    raw = aioredis.from_url(redis.url)
+    try:
+        # Nothing was stored yet: the replayed Redis holds every 202'd event (and perhaps some
+        # whose outcome was unknown).
+        assert await store_count(store, load.acknowledged) == 0
+        state = await stream_state(raw, stream)
+        assert state["depth"] >= len(load.acknowledged)
+        writer = RedisBuffer(store, settings)
+        await writer.start()
+        try:
+            ids = load.acknowledged
+            await eventually(lambda: all_stored_once(store, ids), "every 202'd event stored", 60)
+            await eventually(lambda: _drained(raw, stream), "Redis to hold nothing", 30)
+        finally:
+            await writer.stop()
+    finally:
+        await raw.aclose()
+
+
+async def store_count(database: Database, ids: list[str]) -> int:
+    return sum((await stored(database, *ids)).values())
+
+
+async def _drained(client: aioredis.Redis, stream: str) -> bool:
+    return await stream_state(client, stream) == {"entries": 0, "depth": 0, "pending": 0}
