@@ -55,13 +55,15 @@ async def eventually(
         await asyncio.sleep(0.05)
 
 
-async def stream_state(client: aioredis.Redis, stream: str) -> dict[str, int]:
+async def stream_state(
+    client: aioredis.Redis, stream: str, group: str = "writers"
+) -> dict[str, int]:
     """What Redis still holds of the buffer: entries, the depth counter, pending entries."""
     length = await client.xlen(stream)
     depth = int(await client.get(f"{stream}:depth") or 0)
     pending = 0
     if await client.exists(stream):
-        pending = int((await client.xpending(stream, "writers"))["pending"])
+        pending = int((await client.xpending(stream, group))["pending"])
     return {"entries": length, "depth": depth, "pending": pending}
 
 

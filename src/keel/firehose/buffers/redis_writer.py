@@ -284,8 +284,13 @@ class StreamWriter:
         self._stored = False
 
     async def _reap_dead_consumers(self) -> None:
-        """Remove consumers idle for long with nothing pending (writers that are gone)."""
-        idle_ms = self._settings.claim_idle_seconds * 2000
+        """Remove consumers idle for long with nothing pending (writers that are gone).
+
+        A live writer with nothing pending is at most one blocking read (``flush_age_ms``) idle,
+        so past that plus twice the claim time it is gone. Were a live one removed all the same,
+        nothing is lost: it had nothing pending, and its next read creates it again.
+        """
+        idle_ms = self._settings.flush_age_ms + self._settings.claim_idle_seconds * 2000
         consumers = await self._call(
             self._client.xinfo_consumers(self._keys.stream, self._keys.group)
         )
