@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from keel.core.database import Database
 from keel.core.uuid7 import uuid7
 from keel.firehose.app import create_app
-from keel.firehose.buffers.redis import RedisBuffer
+from keel.firehose.buffers.redis import RedisBuffer, durability
 from keel.firehose.events import EventRow
 from keel.firehose.settings import FirehoseSettings
 from tests.firehose.redis_support import (
@@ -254,3 +254,19 @@ async def test_a_store_down_keeps_entries_until_it_returns(
         await eventually(lambda: drained(raw_redis, stream), "Redis to empty")
     finally:
         await fixed.stop()
+
+
+@pytest.mark.parametrize(
+    ("appendonly", "appendfsync", "save", "survives"),
+    [
+        ("yes", "always", "", "a Redis crash"),
+        ("yes", "everysec", "3600 1", "a Redis crash, except up to the last second on power loss"),
+        ("no", "everysec", "", "nothing: a Redis restart loses the buffer"),
+        ("no", "everysec", "3600 1 300 100", "only what the last RDB snapshot holds"),
+        (None, None, None, "unknown"),
+    ],
+)
+def test_durability_in_words(
+    appendonly: str | None, appendfsync: str | None, save: str | None, survives: str
+) -> None:
+    assert durability(appendonly, appendfsync, save).startswith(survives)

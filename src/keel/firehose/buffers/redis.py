@@ -77,6 +77,7 @@ return flags
 """
 # Connections of one process: the writer's blocking read, the committer, /health calls.
 REDIS_CONNECTIONS = 16
+WRITER_RESTART_SECONDS = 1.0
 DURABILITY = {
     "always": "a Redis crash",
     "everysec": "a Redis crash, except up to the last second on power loss",
@@ -143,15 +144,35 @@ class RedisBuffer(Buffer):
         self._persistence: dict[str, str | None] = {}
         self._durability = "unknown: not started"
         self._last_depth = 0
+        self._stopping = False
 
     async def start(self) -> None:
         """Read Redis's persistence, create the group, start the committer and the writer."""
         await self._read_persistence()
         await ensure_group(self._client, self._keys, self._timeout)
         self._committer.start()
+        self._start_writer()
+
+    def _start_writer(self) -> None:
         self._writer_task = asyncio.create_task(
             self._writer.run(), name=f"keel-firehose-writer-{self._writer.consumer}"
         )
+        self._writer_task.add_done_callback(self._on_writer_done)
+
+    def _on_writer_done(self, task: asyncio.Task[None]) -> None:
+        """Supervise the writer: a bug that killed it must not stop the draining for good.
+
+        Restarted, it carries on with what it held; entries it had read stay pending in Redis
+        meanwhile, taken over after ``claim_idle_seconds`` if it does not come back.
+        """
+        if self._stopping or task.cancelled() or task.exception() is None:
+            return
+        log.error("firehose: the Redis writer died; restarting it", exc_info=task.exception())
+        asyncio.get_running_loop().call_later(WRITER_RESTART_SECONDS, self._restart_writer)
+
+    def _restart_writer(self) -> None:
+        if not self._stopping:
+            self._start_writer()
 
     async def _read_persistence(self) -> None:
         config: dict[str, str | None] = {"appendonly": None, "appendfsync": None, "save": None}
@@ -168,7 +189,10 @@ class RedisBuffer(Buffer):
         self._persistence = config
         self._durability = durability(config["appendonly"], config["appendfsync"], config["save"])
         log.info("firehose: Redis buffer; a 202 survives: %s (%s)", self._durability, config)
-        if self._settings.env == "production" and config["appendonly"] == "no":
+        production = self._settings.env == "production"
+        if production and config["appendonly"] is None:
+            log.warning("firehose: cannot tell whether Redis keeps an AOF; make sure it does")
+        if production and config["appendonly"] == "no":
             raise RuntimeError(
                 "KEEL_ENV=production with KEEL_FIREHOSE_BUFFER=redis needs Redis with AOF"
                 " (appendonly yes, appendfsync always or everysec): the Redis at KEEL_REDIS_URL"
@@ -185,12 +209,17 @@ class RedisBuffer(Buffer):
             encoded = self._encode(rows)
             args += [len(rows), encoded[_array_header_length(len(rows)) :]]
         flags = await self._run_commit(args)
-        full = errors.BufferFull(
-            f"The buffer holds its bound of {self._settings.buffer_max_events} events;"
-            " nothing of this request was written; retry.",
+        return [
+            None if flag == 1 else self._full(len(rows))
+            for flag, rows in zip(flags, requests, strict=True)
+        ]
+
+    def _full(self, events: int) -> errors.BufferFull:
+        return errors.BufferFull(
+            f"The buffer cannot take {events} more event(s) within its bound of"
+            f" {self._settings.buffer_max_events}; nothing of this request was written; retry.",
             headers={"Retry-After": "1"},
         )
-        return [None if flag == 1 else full for flag in flags]
 
     async def _run_commit(self, args: list[Any]) -> list[int]:
         """Send the script on a connection known to be open, so a failure says what it means."""
@@ -226,6 +255,7 @@ class RedisBuffer(Buffer):
 
     async def stop(self) -> None:
         """Refuse new events, commit the queued ones, let the writer flush its batch, close."""
+        self._stopping = True
         await self._committer.stop()
         self._writer.stop()
         if self._writer_task is not None:

@@ -121,7 +121,7 @@ class StreamWriter:
         self._decode = msgspec.msgpack.Decoder(list[EventRow]).decode
         self._held: list[Entry] = []  # read and not yet acknowledged
         self._stored = False  # the held entries are in the store; only the ack is missing
-        self._events_per_entry = 1.0
+        self._events_per_entry = 64.0  # a first guess, then a running average
         self._claim_every = min(max(settings.claim_idle_seconds / 2, 0.1), 5.0)
         self._next_claim = 0.0
         self._claim_cursor = "0-0"
