@@ -200,3 +200,27 @@ async def store_count(database: Database, ids: list[str]) -> int:
 
 async def _drained(client: aioredis.Redis, stream: str) -> bool:
     return await stream_state(client, stream) == {"entries": 0, "depth": 0, "pending": 0}
+
+
+async def test_a_redis_that_refuses_config_is_read_through_info(
+    private_redis: Callable[..., PrivateRedis], postgres_url: str, store: Database
+) -> None:
+    """Managed Redis often refuses CONFIG: AOF is then read from INFO, and production starts."""
+    redis = private_redis(appendonly=True)
+    admin = aioredis.from_url(redis.url)
+    try:
+        await admin.execute_command(
+            "ACL", "SETUSER", "keel", "on", ">secret", "~*", "&*", "+@all", "-config"
+        )
+    finally:
+        await admin.aclose()
+    url = f"redis://keel:secret@127.0.0.1:{redis.port}/0"
+    settings = redis_settings(postgres_url, url, unique_stream(), env="production")
+    buffer = RedisBuffer(store, settings)
+    await buffer.start()
+    try:
+        health = await buffer.health()
+    finally:
+        await buffer.stop()
+    assert health.durability == "a Redis crash (AOF; appendfsync unknown)"
+    assert health.extra["persistence"] == {"appendonly": "yes", "appendfsync": None, "save": None}

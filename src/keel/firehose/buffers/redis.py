@@ -258,8 +258,15 @@ class RedisBuffer(Buffer):
         self._stopping = True
         await self._committer.stop()
         self._writer.stop()
-        if self._writer_task is not None:
-            await asyncio.wait([self._writer_task])
+        task = self._writer_task
+        if task is not None:
+            # Bounded: a store that hangs must not hold shutdown; what the writer held stays
+            # pending in Redis and is taken over later.
+            await asyncio.wait([task], timeout=self._settings.write_timeout_seconds)
+            if not task.done():
+                log.warning("firehose: the Redis writer did not finish its batch; leaving it")
+                task.cancel()
+                await asyncio.wait([task])
         await self._client.aclose()
         await self._pool.aclose()
 
