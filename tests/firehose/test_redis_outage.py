@@ -3,6 +3,7 @@
 Redis down: ingest says 503 ``buffer_unavailable``, never a 202 it cannot keep, and takes events
 again once Redis is back. Redis with AOF (``appendfsync always``) killed with SIGKILL under load:
 after it restarts on the same directory, every event that got a 202 is stored exactly once.
+A PostgreSQL of the test's own stopped hard: ingest carries on into Redis and drains afterwards.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from keel.core.database import Database, create_engine
+from keel.core.migrate import upgrade
 from keel.firehose.app import create_app
 from keel.firehose.buffers.redis import RedisBuffer
+from keel.firehose.registration import MIGRATIONS as FIREHOSE_MIGRATIONS
 from tests.firehose.redis_support import (
+    drop_stream,
     events_with_ids,
     eventually,
     redis_settings,
@@ -30,6 +34,7 @@ from tests.firehose.redis_support import (
 )
 from tests.firehose.test_ingest import stored
 from tests.support.ledger import create_key
+from tests.support.own_postgres import OwnPostgres, postgres_bin
 from tests.support.redis_server import PrivateRedis
 
 pytestmark = pytest.mark.slow
@@ -224,3 +229,65 @@ async def test_a_redis_that_refuses_config_is_read_through_info(
         await buffer.stop()
     assert health.durability == "a Redis crash (AOF; appendfsync unknown)"
     assert health.extra["persistence"] == {"appendonly": "yes", "appendfsync": None, "save": None}
+
+
+@pytest.fixture
+async def own_postgres() -> AsyncIterator[OwnPostgres]:
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server binaries under /usr/lib/postgresql")
+    server = OwnPostgres(bin_dir).init()
+    try:
+        server.start()
+        await upgrade(server.url, [FIREHOSE_MIGRATIONS])
+        yield server
+    finally:
+        server.destroy()
+
+
+async def test_the_store_down_keeps_taking_events_into_redis_then_drains(
+    redis_url: str, own_postgres: OwnPostgres, tmp_path: Path
+) -> None:
+    """PostgreSQL stopped hard: 202s continue into Redis, /health shows the store down and the
+    buffer growing; started again, the buffer drains by itself with every event stored once."""
+    stream = unique_stream()
+    settings = redis_settings(own_postgres.url, redis_url, stream)
+    key = await create_key(own_postgres.url)
+    raw = aioredis.from_url(redis_url)
+    accepted: list[str] = []
+    try:
+        async with firehose_on(create_app(settings), key) as client:
+
+            async def send(count: int) -> None:
+                batch = events_with_ids(count)
+                reply = await client.post("/events/batch", json=batch)
+                assert reply.status_code == 202, reply.text
+                accepted.extend(str(e["event_id"]) for e in batch)
+
+            await send(20)  # the key is now known to the process (its cache outlives the outage)
+            await asyncio.to_thread(own_postgres.stop_hard)
+            for _ in range(10):
+                await send(20)
+
+            async def store_down_and_buffer_growing() -> bool:
+                health = (await client.get("/health")).json()
+                return health["store"]["status"] == "down" and health["buffer"]["depth"] >= 180
+
+            await eventually(store_down_and_buffer_growing, "/health to show the outage")
+            await asyncio.to_thread(own_postgres.start)
+
+            async def drained() -> bool:
+                state = await stream_state(raw, stream)
+                return state == {"entries": 0, "depth": 0, "pending": 0}
+
+            await eventually(drained, "the buffer to drain once the store is back", 60)
+            health = (await client.get("/health")).json()
+            assert health["store"]["status"] == "ok"
+        database = Database(create_engine(own_postgres.url))
+        try:
+            assert set((await stored(database, *accepted)).values()) == {1}
+        finally:
+            await database.dispose()
+    finally:
+        await drop_stream(redis_url, stream)
+        await raw.aclose()
