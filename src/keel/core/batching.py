@@ -8,9 +8,9 @@ or the error to raise in its handler, so one refused item never spoils its neigh
 
 ``apply`` is synchronous on purpose: on SQLite the batch then runs without a single thread hop, and
 on PostgreSQL through SQLAlchemy's greenlet bridge; the same rules serve both engines.
-A committer whose batches go somewhere else (the firehose's Redis buffer: one script call per
-batch) passes an async ``commit(items) -> outcomes`` instead of a database and ``apply``; the
-queue, the timeouts and the supervision below are the same, only the conflict retries are not.
+A committer whose batches go somewhere else than SQL (a Redis buffer: one script call per batch)
+passes an async ``commit(items) -> outcomes`` instead of a database and ``apply``; the queue, the
+timeouts and the supervision below are the same, only the conflict retries are not.
 Nothing here makes correctness depend on being the only writer: the database's locks do that.
 
 What a client is told when writes cannot proceed:
