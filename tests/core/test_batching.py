@@ -288,3 +288,76 @@ async def test_overloaded_over_http_writes_nothing(
             assert reply.json()["code"] == "overloaded" and reply.headers["retry-after"] == "1"
     stored_entries = (await accounts(database, [user["id"]]))[user["id"]].entries
     assert len(stored_entries) == 3
+
+
+class Unreachable(ServiceUnavailable):
+    code = "unreachable"
+
+
+async def test_an_async_commit_takes_concurrent_items_in_one_call() -> None:
+    """commit= instead of database + apply: one call per batch, each item answered on its own."""
+    calls: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def commit(items: list[int]) -> list[object]:
+        calls.append(items)
+        if len(calls) == 1:
+            await release.wait()  # hold the first batch so the rest queue behind it
+        return [ValueError(f"refused {i}") if i < 0 else i * 10 for i in items]
+
+    committer: GroupCommitter[int, int] = GroupCommitter(
+        name="test_async", commit=commit, max_queue=100, timeout=5.0
+    )
+    committer.start()
+    try:
+        first = asyncio.create_task(committer.submit(1))
+        await wait_for(lambda: committer.in_flight == 1)
+        rest = [asyncio.create_task(committer.submit(i)) for i in (2, -3, 4)]
+        await wait_for(lambda: committer.queue_depth == 3)
+        release.set()
+        results = await asyncio.gather(first, *rest, return_exceptions=True)
+    finally:
+        await committer.stop()
+    assert calls == [[1], [2, -3, 4]]
+    assert results[0] == 10 and results[1] == 20 and results[3] == 40
+    assert isinstance(results[2], ValueError) and str(results[2]) == "refused -3"
+
+
+async def test_an_async_commit_is_bounded_by_its_timeout() -> None:
+    """A stalled commit: in flight is outcome_unknown, queued is the committer's own 503."""
+    stalled = asyncio.Event()
+
+    async def commit(items: list[int]) -> list[int]:
+        await stalled.wait()
+        return items
+
+    committer: GroupCommitter[int, int] = GroupCommitter(
+        name="test_async_slow",
+        commit=commit,
+        max_queue=100,
+        timeout=0.3,
+        max_batch=1,
+        unavailable=Unreachable,
+    )
+    committer.start()
+    try:
+        first = asyncio.create_task(committer.submit(1))
+        await wait_for(lambda: committer.in_flight == 1)
+        second = asyncio.create_task(committer.submit(2))
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        assert isinstance(results[0], OutcomeUnknown)
+        assert isinstance(results[1], Unreachable)
+        assert committer.unready() is not None
+    finally:
+        stalled.set()
+        await committer.stop()
+
+
+def test_a_committer_needs_a_database_or_a_commit() -> None:
+    async def commit(items: list[int]) -> list[int]:
+        return items
+
+    with pytest.raises(TypeError):
+        GroupCommitter(name="neither")
+    with pytest.raises(TypeError):
+        GroupCommitter(name="no bounds", commit=commit)

@@ -1,8 +1,10 @@
 """A throwaway ``redis-server`` that a test starts, stops, freezes and thaws: never the shared one.
 
-It listens on a free port of its own, keeps nothing on disk (``--save ''``, no AOF) and runs in
-the test's tmp directory, so stopping it hurts no other test. :meth:`freeze` (SIGSTOP) makes a
-Redis that accepts connections and never answers, the way a stalled server does.
+It listens on a free port of its own, keeps nothing on disk (``--save ''``, no AOF, unless asked
+for AOF with ``appendfsync always``) and runs in the test's tmp directory, so stopping or
+:meth:`kill`-ing it hurts no other test; started again, it replays its AOF from that directory.
+:meth:`freeze` (SIGSTOP) makes a Redis that accepts connections and never answers, the way a
+stalled server does.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from tests.support.live_server import free_port, wait_until
 class PrivateRedis:
     """One redis-server process on ``port``, restartable on the same port."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
         self.directory = directory
+        self.appendonly = appendonly
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen[bytes] | None = None
@@ -37,8 +40,11 @@ class PrivateRedis:
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
+                *(
+                    ["--appendonly", "yes", "--appendfsync", "always"]
+                    if self.appendonly
+                    else ["--appendonly", "no"]
+                ),
                 "--dir",
                 str(self.directory),
             ],
@@ -55,6 +61,16 @@ class PrivateRedis:
         self._thaw(process.pid)
         process.terminate()
         process.wait(timeout=10)
+        wait_until(lambda: not self._listening(), 10, f"port {self.port} to close")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown save, only what was fsynced survives."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.kill()
+        process.wait(timeout=10)
+        self._frozen = False
         wait_until(lambda: not self._listening(), 10, f"port {self.port} to close")
 
     def freeze(self) -> None:

@@ -8,6 +8,9 @@ or the error to raise in its handler, so one refused item never spoils its neigh
 
 ``apply`` is synchronous on purpose: on SQLite the batch then runs without a single thread hop, and
 on PostgreSQL through SQLAlchemy's greenlet bridge; the same rules serve both engines.
+A committer whose batches go somewhere else than SQL (a Redis buffer: one script call per batch)
+passes an async ``commit(items) -> outcomes`` instead of a database and ``apply``; the queue, the
+timeouts and the supervision below are the same, only the conflict retries are not.
 Nothing here makes correctness depend on being the only writer: the database's locks do that.
 
 What a client is told when writes cannot proceed:
@@ -29,7 +32,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -51,6 +54,7 @@ log = logging.getLogger("keel.batching")
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
 ApplyBatch = Callable[[Connection, list[ItemT]], Sequence[Any]]
+CommitBatch = Callable[[list[ItemT]], Awaitable[Sequence[Any]]]
 
 BATCH_SIZE = Histogram(
     "keel_group_commit_batch_size",
@@ -95,26 +99,41 @@ class GroupCommitter(Generic[ItemT, ResultT]):
         self,
         *,
         name: str,
-        database: Database,
-        apply: ApplyBatch[ItemT],
+        database: Database | None = None,
+        apply: ApplyBatch[ItemT] | None = None,
+        commit: CommitBatch[ItemT] | None = None,
         max_batch: int = 512,
         max_queue: int | None = None,
         timeout: float | None = None,
         weigh: Callable[[ItemT], int] | None = None,
         max_weight: int | None = None,
+        unavailable: type[ServiceUnavailable] = DatabaseUnavailable,
     ) -> None:
+        """Either ``database`` and ``apply``, or ``commit`` with ``max_queue`` and ``timeout``.
+
+        ``unavailable`` is the error a queued item gets when it waited too long to be sent.
+        """
+        if (apply is None) == (commit is None) or (apply is not None and database is None):
+            raise TypeError("GroupCommitter needs database + apply, or commit")
+        if database is not None:
+            max_queue = max_queue or database.settings.write_queue_max
+            timeout = timeout or database.settings.write_timeout_seconds
+        if max_queue is None or timeout is None:
+            raise TypeError("GroupCommitter(commit=...) needs max_queue and timeout")
         self.name = name
         self._apply = apply
+        self._commit_batch = commit
+        self._unavailable = unavailable
         self._max_batch = max_batch
         # Optionally a batch also stops at max_weight by weigh(item) (say, rows): one batch is
         # one transaction, which on SQLite runs on the event loop's thread.
         self._weigh = weigh
         self._max_weight = max_weight
-        self._max_queue = max_queue or database.settings.write_queue_max
-        self._timeout = timeout or database.settings.write_timeout_seconds
+        self._max_queue = max_queue
+        self._timeout = timeout
         self._queue: deque[_Pending[ItemT]] = deque()
         self._wake = asyncio.Event()
-        self._writer = database.writer()
+        self._writer = database.writer() if database is not None else None
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._batch: list[_Pending[ItemT]] = []
@@ -180,7 +199,8 @@ class GroupCommitter(Generic[ItemT, ResultT]):
             self._fail_queued()
         if self._task is not None:
             await asyncio.wait([self._task])
-        await self._writer.close()
+        if self._writer is not None:
+            await self._writer.close()
 
     async def _run(self) -> None:
         while not (self._closing and not self._queue):
@@ -220,7 +240,7 @@ class GroupCommitter(Generic[ItemT, ResultT]):
             pending = self._queue.popleft()
             if not pending.future.done():
                 pending.future.set_exception(
-                    DatabaseUnavailable(
+                    self._unavailable(
                         "The write waited too long to start; nothing was written; retry.",
                         headers={"Retry-After": "1"},
                     )
@@ -245,10 +265,14 @@ class GroupCommitter(Generic[ItemT, ResultT]):
         self._deaths = 0
 
     async def _apply_with_retries(self, items: list[ItemT]) -> Sequence[Any]:
+        if self._commit_batch is not None:
+            return await self._commit_batch(items)
+        assert self._writer is not None and self._apply is not None
+        apply = self._apply
         attempt = 0
         while True:
             try:
-                return await self._writer.run(lambda conn: self._apply(conn, items))
+                return await self._writer.run(lambda conn: apply(conn, items))
             except Exception as exc:
                 # Rolled back so that another transaction could proceed: the batch may run again.
                 state = sqlstate_of(exc)

@@ -38,6 +38,10 @@ def make_buffer(plat: Platform, settings: FirehoseSettings) -> Buffer:
         from keel.firehose.buffers.spool import SpoolBuffer
 
         return SpoolBuffer(plat.database, settings)
+    if kind == "redis":
+        from keel.firehose.buffers.redis import RedisBuffer
+
+        return RedisBuffer(plat.database, settings)
     raise NotImplementedError(f"KEEL_FIREHOSE_BUFFER={kind} is not built yet")
 
 

@@ -40,6 +40,8 @@ class FirehoseSettings(ServiceSettings):
     redis_group: str = "keel-firehose-writers"
     # A Redis entry read by a writer and not acknowledged for this long is taken over by another.
     claim_idle_seconds: float = Field(default=30.0, gt=0)
+    # Every Redis call of the buffer waits at most this long (a blocking read: this past its block).
+    redis_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
 
     @property
     def buffer_kind(self) -> BufferKind:

@@ -1,0 +1,318 @@
+"""The Redis buffer's writer: one per process, a consumer in the stream's consumer group.
+
+It reads entries (each one group commit's events), gathers them until it holds ``flush_size``
+events or the oldest has waited ``flush_age_ms``, stores them with :func:`store_batch`, and only
+then acknowledges them, deleting them from the stream and lowering the depth counter in one
+script, so Redis holds only what the store does not have yet.
+
+A writer killed between reading and acknowledging leaves its entries pending on its consumer;
+every few seconds each writer takes over (``XAUTOCLAIM``) entries pending for longer than
+``claim_idle_seconds``, so they are stored by another. Storing twice is harmless (the store
+dedupes); acknowledging twice lowers the counter once, because only the ``XACK`` that removed an
+entry from the pending list counts. Consumers that died with nothing pending are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from keel.core.database import Database
+from keel.firehose.buffers.base import StoreStatus
+from keel.firehose.events import EventRow
+from keel.firehose.settings import FirehoseSettings
+from keel.firehose.store import store_batch
+
+log = logging.getLogger("keel.firehose.redis")
+T = TypeVar("T")
+
+# Acknowledge entries the store now holds: XACK, XDEL, and DECRBY of the events of those entries
+# whose XACK took them off the pending list (one another writer already acknowledged counts 0).
+ACK_LUA = """
+local done = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+    redis.call('XDEL', KEYS[1], ARGV[i])
+    done = done + tonumber(ARGV[i + 1])
+  end
+end
+if done > 0 then redis.call('DECRBY', KEYS[2], done) end
+return done
+"""
+# Remove a consumer only if nothing is pending on it: DELCONSUMER drops its pending entries from
+# the group, which would strand them unacknowledged forever.
+REAP_LUA = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #pending == 0 then return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
+return -1
+"""
+MAX_ENTRIES_PER_READ = 1_000
+STORE_RETRY_MAX_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class StreamKeys:
+    """The keys of one buffer, all named from ``redis_stream`` (one hash slot with ``{tags}``)."""
+
+    stream: str
+    depth: str
+    group: str
+
+    @classmethod
+    def of(cls, settings: FirehoseSettings) -> StreamKeys:
+        stream = settings.redis_stream
+        return cls(stream=stream, depth=f"{stream}:depth", group=settings.redis_group)
+
+
+@dataclass(slots=True)
+class Entry:
+    """One stream entry: the events of one group commit."""
+
+    id: bytes
+    rows: list[EventRow]
+
+
+def consumer_name() -> str:
+    """Unique per process and start: a restarted writer never inherits a dead one's entries."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+async def ensure_group(client: aioredis.Redis, keys: StreamKeys, within: float) -> None:
+    """Create the consumer group (and the stream) unless it exists; from the stream's start."""
+    try:
+        async with asyncio.timeout(within):
+            await client.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class StreamWriter:
+    """Moves entries from the stream to the store, by size or age, acknowledging afterwards."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        database: Database,
+        settings: FirehoseSettings,
+        status: StoreStatus,
+    ) -> None:
+        self.consumer = consumer_name()
+        self._client = client
+        self._database = database
+        self._settings = settings
+        self._status = status
+        self._keys = StreamKeys.of(settings)
+        self._timeout = settings.redis_timeout_seconds
+        self._ack = client.register_script(ACK_LUA)
+        self._reap = client.register_script(REAP_LUA)
+        self._decode = msgspec.msgpack.Decoder(list[EventRow]).decode
+        self._held: list[Entry] = []  # read and not yet acknowledged
+        self._stored = False  # the held entries are in the store; only the ack is missing
+        self._events_per_entry = 64.0  # a first guess, then a running average
+        self._claim_every = min(max(settings.claim_idle_seconds / 2, 0.1), 5.0)
+        self._next_claim = 0.0
+        self._claim_cursor = "0-0"
+        self._stopping = asyncio.Event()
+
+    @property
+    def held(self) -> int:
+        """Events read and not yet acknowledged."""
+        return sum(len(entry.rows) for entry in self._held)
+
+    def stop(self) -> None:
+        """Finish the batch in hand (flush it if the store takes it), then return from run()."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                if not self._stored and not self._stopping.is_set():
+                    await self._fill()
+                if self._held:
+                    await self._flush()
+                if self._stopping.is_set():
+                    return  # whatever the store did not take stays pending in Redis
+                delay = 0.05
+            except (RedisError, OSError, TimeoutError) as exc:  # Redis away: retry, keep the batch
+                if self._stopping.is_set():
+                    log.warning("%s: Redis failed while stopping (%r)", self.consumer, exc)
+                    return
+                if "NOGROUP" in str(exc):  # Redis restarted empty: the group went with the data
+                    log.warning("%s: consumer group missing; creating it", self.consumer)
+                    with contextlib.suppress(RedisError, OSError, TimeoutError):
+                        await ensure_group(self._client, self._keys, self._timeout)
+                else:
+                    log.warning("%s: Redis call failed (%r); retrying", self.consumer, exc)
+                await self._pause(delay)
+                delay = min(delay * 2, STORE_RETRY_MAX_SECONDS)
+
+    async def _fill(self) -> None:
+        """Read until ``flush_size`` events are held or the first one held is ``flush_age`` old."""
+        age = self._settings.flush_age_ms / 1000
+        first_read: float | None = time.monotonic() if self._held else None
+        while not self._stopping.is_set():
+            events = sum(len(e.rows) for e in self._held)
+            if events >= self._settings.flush_size:
+                return
+            if time.monotonic() >= self._next_claim:
+                await self._claim(self._settings.flush_size - events)
+                if self._held and first_read is None:
+                    first_read = time.monotonic()
+                continue
+            block = age
+            if first_read is not None:
+                block = age - (time.monotonic() - first_read)
+                if block <= 0:
+                    return
+            if await self._read(self._settings.flush_size - events, block) and first_read is None:
+                first_read = time.monotonic()
+
+    def _entries_for(self, events: int) -> int:
+        return max(1, min(MAX_ENTRIES_PER_READ, round(events / self._events_per_entry)))
+
+    async def _read(self, events_wanted: int, block: float) -> int:
+        """One XREADGROUP of new entries, cut short by stop(); returns how many came.
+
+        A read cut short may have moved entries onto this consumer's pending list with the reply
+        lost: they are taken over after ``claim_idle_seconds`` like any stalled writer's.
+        """
+        read = asyncio.ensure_future(
+            self._call(
+                self._client.xreadgroup(
+                    self._keys.group,
+                    self.consumer,
+                    {self._keys.stream: ">"},
+                    count=self._entries_for(events_wanted),
+                    block=max(1, int(block * 1000)),
+                ),
+                extra=block,
+            )
+        )
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([read, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not read.done():
+                read.cancel()
+                await asyncio.wait([read])
+        if read.cancelled():
+            return 0
+        reply: Any = read.result()
+        if not reply:
+            return 0
+        return self._take(reply[0][1])
+
+    async def _claim(self, events_wanted: int) -> None:
+        """Take over entries pending on another consumer for over ``claim_idle_seconds``."""
+        self._next_claim = time.monotonic() + self._claim_every
+        min_idle = int(self._settings.claim_idle_seconds * 1000)
+        reply: Any = await self._call(
+            self._client.xautoclaim(
+                self._keys.stream,
+                self._keys.group,
+                self.consumer,
+                min_idle,
+                start_id=self._claim_cursor,
+                count=self._entries_for(events_wanted),
+            )
+        )
+        cursor, entries = reply[0], reply[1]
+        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        taken = self._take(entries)
+        if taken:
+            log.warning("%s: took over %d entries of a stalled writer", self.consumer, taken)
+        if self._claim_cursor == "0-0":  # a full pass over the pending list: tidy consumers
+            await self._reap_dead_consumers()
+
+    def _take(self, entries: list[Any]) -> int:
+        taken = 0
+        held = {entry.id for entry in self._held}
+        for entry_id, fields in entries:
+            if fields is None or entry_id in held:  # deleted (never by keel), or ours already
+                continue
+            try:
+                rows = self._decode(fields[b"rows"])
+            except (KeyError, msgspec.DecodeError):
+                log.error("%s: entry %r is not a keel batch; leaving it", self.consumer, entry_id)
+                continue
+            self._held.append(Entry(entry_id, rows))
+            self._events_per_entry = 0.8 * self._events_per_entry + 0.2 * max(1, len(rows))
+            taken += 1
+        return taken
+
+    async def _flush(self) -> None:
+        """Store what is held (retrying while the store is down), then acknowledge it."""
+        if not self._stored:
+            rows = [row for entry in self._held for row in entry.rows]
+            delay = 0.05
+            while True:
+                started = time.monotonic()
+                try:
+                    refused = await store_batch(self._database, rows)
+                except Exception as exc:
+                    self._status.failed(exc)
+                    log.warning("%s: store refused a batch (%r); retrying", self.consumer, exc)
+                    if self._stopping.is_set():
+                        self._held.clear()  # left pending in Redis, for another writer
+                        return
+                    await self._pause(delay)
+                    delay = min(delay * 2, STORE_RETRY_MAX_SECONDS)
+                    continue
+                self._status.flushed(len(rows), time.monotonic() - started, refused)
+                self._stored = True
+                break
+        args: list[Any] = [self._keys.group]
+        for entry in self._held:
+            args += [entry.id, len(entry.rows)]
+        await self._call(self._ack(keys=[self._keys.stream, self._keys.depth], args=args))
+        self._held.clear()
+        self._stored = False
+
+    async def _reap_dead_consumers(self) -> None:
+        """Remove consumers idle for long with nothing pending (writers that are gone).
+
+        A live writer with nothing pending is at most one blocking read (``flush_age_ms``) idle,
+        so past that plus twice the claim time it is gone. Were a live one removed all the same,
+        nothing is lost: it had nothing pending, and its next read creates it again.
+        """
+        idle_ms = self._settings.flush_age_ms + self._settings.claim_idle_seconds * 2000
+        consumers = await self._call(
+            self._client.xinfo_consumers(self._keys.stream, self._keys.group)
+        )
+        for consumer in consumers:
+            name = consumer["name"]
+            name = name.decode() if isinstance(name, bytes) else name
+            if name != self.consumer and consumer["pending"] == 0 and consumer["idle"] > idle_ms:
+                removed = await self._call(
+                    self._reap(keys=[self._keys.stream], args=[self._keys.group, name])
+                )
+                if removed != -1:
+                    log.info("%s: removed idle consumer %s", self.consumer, name)
+
+    async def _call(self, call: Awaitable[T], extra: float = 0.0) -> T:
+        """A Redis call bounded by ``redis_timeout_seconds`` (past its own block, if it blocks)."""
+        async with asyncio.timeout(self._timeout + extra):
+            return await call
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if asked to stop."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        except TimeoutError:
+            pass
