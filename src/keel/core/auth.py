@@ -197,7 +197,7 @@ class ApiKeyVerifier:
             if known is None:
                 raise
             # The database cannot say: a key it confirmed within stale_seconds still works, so
-            # a service that buffers writes through an outage (the firehose) keeps its clients.
+            # a service that buffers writes through an outage keeps its clients.
             return known[1]
 
     def _refresh(self, raw: str, new: bool = False) -> asyncio.Future[ApiKey | None]:

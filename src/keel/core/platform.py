@@ -36,8 +36,8 @@ class Platform:
     idempotency: Idempotency
     services: dict[str, Any] = field(default_factory=dict)
     readiness_checks: list[ReadinessCheck] = field(default_factory=list)
-    # Set by a service whose writes wait in a durable buffer while its database is down (the
-    # firehose's spool or Redis): /ready then stays 200 through an outage, once the database
+    # Set by a service whose writes wait in a durable buffer while its database is down (a
+    # spool file, Redis): /ready then stays 200 through an outage, once the database
     # has been seen migrated, so that a load balancer keeps sending it the writes it can keep.
     buffers_database_outages: bool = False
     migrations_verified: bool = False
