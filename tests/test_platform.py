@@ -29,7 +29,7 @@ from tests.support.toy.registration import SERVICE as TOY
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = Path(keel.__file__).parent / "core"
-runner = CliRunner()
+runner = CliRunner(env={"COLUMNS": "200"})  # wide enough for every service name in a help line
 cli = build_app({**services(), "toy": TOY})
 
 
