@@ -64,12 +64,13 @@ def _errors(result: ScenarioResult) -> str:
     return f"**{result.errors:,}** in {result.runs_with_errors}/{len(result.runs)} runs"
 
 
-def _row(result: ScenarioResult) -> str:
+def _row(result: ScenarioResult, items: str | None = None) -> str:
     name, workers = result.scenario.name, str(result.workers)
-    target = result.scenario.target_text()
+    target = result.scenario.target_text(items or "items")
     if not result.ran:
         why = (result.failure or "not run").replace("|", "\\|").replace("\n", " ")
-        return f"| {name} | {workers} |{' — |' * 7} skipped: {why} | {target} | — |"
+        blanks = 8 if items else 7
+        return f"| {name} | {workers} |{' — |' * blanks} skipped: {why} | {target} | — |"
     rps = result.rps
     checks = f"audit {_check(result.audit_ok)}, entries {_check(result.entries_consistent)}"
     checks = "—" if result.scenario.app is not None else checks
@@ -77,6 +78,7 @@ def _row(result: ScenarioResult) -> str:
         name,
         workers,
         f"**{result.median(_rps):,.0f}**",
+        *([f"**{result.median(_rps) * result.scenario.items_per_request:,.0f}**"] if items else []),
         f"{min(rps):,.0f}-{max(rps):,.0f}",
         f"{result.median(_p50):.1f}",
         f"{result.median(_p99):.1f}",
@@ -102,6 +104,7 @@ def markdown(
 ) -> str:
     """The results page: the table of medians first, then how and where it was measured."""
     name = bench.service
+    items = f" | median {bench.items}/s" if bench.items else ""
     lines = [
         f"# {name} benchmark",
         "",
@@ -110,10 +113,12 @@ def markdown(
         f" {options.warmup_s:g} s warm-up, `wrk -t{wrk.THREADS} -c{wrk.CONNECTIONS} --latency`,"
         f" against a fresh database seeded with {options.seed:,} {bench.seeded}. {bench.load_text}",
         "",
-        "| scenario | workers | median req/s | min-max req/s | p50 ms | p99 ms | errors"
+        f"| scenario | workers | median req/s{items} | min-max req/s | p50 ms | p99 ms | errors"
         " | CPU cores server / db / wrk / other | server CPU ms/req | checks | target | met? |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
-        *(_row(r) for r in results),
+        "|---|---:|---:|"
+        + ("---:|" if items else "")
+        + "---:|---:|---:|---:|---:|---:|---|---|---|",
+        *(_row(r, bench.items) for r in results),
         "",
         *_reference_ratio(results),
         *_noise_warning(results),
