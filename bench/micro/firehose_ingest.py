@@ -14,10 +14,11 @@ import asyncio
 import cProfile
 import json
 import os
+import random
+import sqlite3
 import statistics
 import sys
 import tempfile
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,7 +111,7 @@ async def _database(directory: Path, chains: list[Any], name: str) -> tuple[str,
     return url, key
 
 
-async def main(profile: str | None, only: str | None) -> None:
+async def main(profile: str | None, only: str | None, drop_index: str | None) -> None:
     from keel.bench.reference import ReferenceSettings, noop_app
     from keel.core.observability import configure_logging
     from keel.firehose.app import create_app
@@ -124,6 +125,9 @@ async def main(profile: str | None, only: str | None) -> None:
         configure_logging("text", "info")
         sys.stdout = stdout
         fh_url, fh_key = await _database(directory, [MIGRATIONS], "firehose")
+        if drop_index:  # what an index costs: measure without it
+            with sqlite3.connect(fh_url.split(":///", 1)[1]) as conn:
+                conn.execute(f"DROP INDEX {drop_index}")
         ref_url, ref_key = await _database(directory, [], "ref")
         settings = FirehoseSettings(database_url=fh_url, rate_limit="1000000000/second")
         firehose = create_app(settings)
@@ -162,7 +166,8 @@ async def main(profile: str | None, only: str | None) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--profile", help="write cProfile stats here")
-    parser.add_argument("--only", help="run only variants whose name contains this")
+    parser.add_argument("--only", help="run only variants whose name starts with this")
+    parser.add_argument("--drop-index", help="drop this index of firehose_events first")
     args = parser.parse_args()
     os.environ.setdefault("KEEL_ENV", "dev")
-    asyncio.run(main(args.profile, args.only))
+    asyncio.run(main(args.profile, args.only, args.drop_index))

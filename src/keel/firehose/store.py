@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.util import await_only
 
 from keel.core.database import Database
 from keel.core.errors import sqlstate_of
@@ -101,12 +102,15 @@ def insert_rows(conn: Connection, rows: Sequence[EventRow]) -> None:
     """
     driver = conn.connection.driver_connection
     if isinstance(driver, sqlite3.Connection):  # Database.run_write's plain connection
-        driver.executemany(_SQLITE_INSERT, [_sqlite_values(row) for row in rows])
+        driver.executemany(_SQLITE_INSERT, [(r[0].bytes, *r[1:]) for r in rows])
         return
     try:
         with conn.begin_nested():
-            conn.exec_driver_sql(_PG_INSERT, list(rows))
-    except DBAPIError as exc:
+            if len(rows) >= COPY_FROM_ROWS:
+                _copy_in_transaction(driver, rows)
+            else:
+                conn.exec_driver_sql(_PG_INSERT, list(rows))
+    except Exception as exc:  # raw asyncpg errors from COPY, or SQLAlchemy's from the INSERT
         if not refused_for_its_data(exc):
             raise
         for row in rows:
@@ -119,6 +123,20 @@ def insert_rows(conn: Connection, rows: Sequence[EventRow]) -> None:
                 conn.exec_driver_sql(
                     _DEAD_LETTER_PG, (row.event_id, event_json(row), _reason(refused), now_us())
                 )
+
+
+# From this many rows a group commit goes through COPY and a staging table; below it, one
+# pipelined executemany costs fewer round trips. Measured with `keel bench firehose` (batches
+# of 500: COPY took the database's CPU per event down by about two thirds).
+COPY_FROM_ROWS = 100
+
+
+def _copy_in_transaction(driver: Any, rows: Sequence[EventRow]) -> None:
+    """COPY ``rows`` into the staging table and insert them from there, inside the caller's
+    transaction (on SQLAlchemy's greenlet bridge, as the driver's own calls are)."""
+    await_only(driver.execute(_PG_STAGING))
+    await_only(driver.copy_records_to_table("firehose_staging", records=rows, columns=COLUMNS))
+    await_only(driver.execute(_PG_FROM_STAGING))
 
 
 def _sqlite_values(row: EventRow) -> tuple[Any, ...]:
