@@ -85,6 +85,13 @@ SQLITE_SCENARIOS: tuple[Scenario, ...] = (
         Backend.SQLITE,
         "SQLite (direct buffer), POST /events, one event a request with a UUIDv7 id made by wrk",
     ),
+    _single(
+        "sqlite-event-sync-normal",
+        Backend.SQLITE,
+        "sqlite-event with SQLite synchronous=NORMAL: no fsync per commit, so a 202 survives a"
+        " crash of keel but not of the machine; not a default, it shows what the fsync costs",
+        (("KEEL_FIREHOSE_SQLITE_SYNCHRONOUS", "NORMAL"),),
+    ),
     _batch(
         "sqlite-batch-500",
         Backend.SQLITE,
