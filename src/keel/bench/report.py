@@ -111,7 +111,7 @@ def markdown(
         f"Measured {when:%Y-%m-%d %H:%M} UTC by `keel bench {name}`."
         f" Each row is the median of {options.runs} run(s) of {options.duration_s:g} s after a"
         f" {options.warmup_s:g} s warm-up, `wrk -t{wrk.THREADS} -c{wrk.CONNECTIONS} --latency`,"
-        f" against a fresh database seeded with {options.seed:,} {bench.seeded}. {bench.load_text}",
+        f" against a fresh database{_seeded(bench, options)}. {bench.load_text}",
         "",
         f"| scenario | workers | median req/s{items} | min-max req/s | p50 ms | p99 ms | errors"
         " | CPU cores server / db / wrk / other | server CPU ms/req | checks | target | met? |",
@@ -152,6 +152,10 @@ def markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def _seeded(bench: ServiceBench, options: BenchOptions) -> str:
+    return f" seeded with {options.seed:,} {bench.seeded}" if bench.seeded else ""
 
 
 def _cpus(cpus: frozenset[int] | None) -> str:
@@ -215,7 +219,10 @@ def plot(name: str, results: list[ScenarioResult], path: Path, when: datetime) -
         ax.scatter([x] * len(rps), rps, s=10, color="black", zorder=3)
         if r.scenario.has_target:
             ax.hlines(r.scenario.target_rps, x - 0.4, x + 0.4, colors="tab:red", linestyles="--")
-        ax.annotate(f"{median:,.0f}/s", (x, max(rps)), ha="center", va="bottom", fontsize=8,
+        label = f"{median:,.0f}/s"
+        if r.scenario.items_per_request > 1:  # a batch's bar is short: say what it carried
+            label += f"\n{median * r.scenario.items_per_request:,.0f} items/s"
+        ax.annotate(label, (x, max(rps)), ha="center", va="bottom", fontsize=8,
                     xytext=(0, 4), textcoords="offset points")  # fmt: skip
     ax.set_xticks(range(len(ran)))
     ax.set_xticklabels([f"{r.scenario.name}\n{r.workers} worker(s)" for r in ran], fontsize=8)

@@ -82,7 +82,7 @@ class ServiceBench:
     workload: Workload
     load_text: str = ""  # one sentence for the results page: what the requests do
     checks_text: str = ""  # one sentence: what `checks` in the table means
-    seeded: str = "records"  # what --seed creates, e.g. "accounts"
+    seeded: str = "records"  # what --seed creates, e.g. "accounts"; "" if nothing is seeded
     server_env: dict[str, str] = field(default_factory=dict)  # settings every run gets
     items: str | None = None  # what a request carries, e.g. "events": adds a column of them/s
 
