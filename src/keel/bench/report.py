@@ -64,12 +64,13 @@ def _errors(result: ScenarioResult) -> str:
     return f"**{result.errors:,}** in {result.runs_with_errors}/{len(result.runs)} runs"
 
 
-def _row(result: ScenarioResult) -> str:
+def _row(result: ScenarioResult, items: str | None = None) -> str:
     name, workers = result.scenario.name, str(result.workers)
-    target = result.scenario.target_text()
+    target = result.scenario.target_text(items or "items")
     if not result.ran:
         why = (result.failure or "not run").replace("|", "\\|").replace("\n", " ")
-        return f"| {name} | {workers} |{' — |' * 7} skipped: {why} | {target} | — |"
+        blanks = 8 if items else 7
+        return f"| {name} | {workers} |{' — |' * blanks} skipped: {why} | {target} | — |"
     rps = result.rps
     checks = f"audit {_check(result.audit_ok)}, entries {_check(result.entries_consistent)}"
     checks = "—" if result.scenario.app is not None else checks
@@ -77,6 +78,7 @@ def _row(result: ScenarioResult) -> str:
         name,
         workers,
         f"**{result.median(_rps):,.0f}**",
+        *([f"**{result.median(_rps) * result.scenario.items_per_request:,.0f}**"] if items else []),
         f"{min(rps):,.0f}-{max(rps):,.0f}",
         f"{result.median(_p50):.1f}",
         f"{result.median(_p99):.1f}",
@@ -102,18 +104,21 @@ def markdown(
 ) -> str:
     """The results page: the table of medians first, then how and where it was measured."""
     name = bench.service
+    items = f" | median {bench.items}/s" if bench.items else ""
     lines = [
         f"# {name} benchmark",
         "",
         f"Measured {when:%Y-%m-%d %H:%M} UTC by `keel bench {name}`."
         f" Each row is the median of {options.runs} run(s) of {options.duration_s:g} s after a"
         f" {options.warmup_s:g} s warm-up, `wrk -t{wrk.THREADS} -c{wrk.CONNECTIONS} --latency`,"
-        f" against a fresh database seeded with {options.seed:,} {bench.seeded}. {bench.load_text}",
+        f" against a fresh database{_seeded(bench, options)}. {bench.load_text}",
         "",
-        "| scenario | workers | median req/s | min-max req/s | p50 ms | p99 ms | errors"
+        f"| scenario | workers | median req/s{items} | min-max req/s | p50 ms | p99 ms | errors"
         " | CPU cores server / db / wrk / other | server CPU ms/req | checks | target | met? |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
-        *(_row(r) for r in results),
+        "|---|---:|---:|"
+        + ("---:|" if items else "")
+        + "---:|---:|---:|---:|---:|---:|---|---|---|",
+        *(_row(r, bench.items) for r in results),
         "",
         *_reference_ratio(results),
         *_noise_warning(results),
@@ -147,6 +152,10 @@ def markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def _seeded(bench: ServiceBench, options: BenchOptions) -> str:
+    return f" seeded with {options.seed:,} {bench.seeded}" if bench.seeded else ""
 
 
 def _cpus(cpus: frozenset[int] | None) -> str:
@@ -210,7 +219,10 @@ def plot(name: str, results: list[ScenarioResult], path: Path, when: datetime) -
         ax.scatter([x] * len(rps), rps, s=10, color="black", zorder=3)
         if r.scenario.has_target:
             ax.hlines(r.scenario.target_rps, x - 0.4, x + 0.4, colors="tab:red", linestyles="--")
-        ax.annotate(f"{median:,.0f}/s", (x, max(rps)), ha="center", va="bottom", fontsize=8,
+        label = f"{median:,.0f}/s"
+        if r.scenario.items_per_request > 1:  # a batch's bar is short: say what it carried
+            label += f"\n{median * r.scenario.items_per_request:,.0f} items/s"
+        ax.annotate(label, (x, max(rps)), ha="center", va="bottom", fontsize=8,
                     xytext=(0, 4), textcoords="offset points")  # fmt: skip
     ax.set_xticks(range(len(ran)))
     ax.set_xticklabels([f"{r.scenario.name}\n{r.workers} worker(s)" for r in ran], fontsize=8)

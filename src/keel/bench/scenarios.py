@@ -33,15 +33,20 @@ class Scenario:
     env: tuple[tuple[str, str], ...] = ()  # extra server settings, e.g. to measure a "before"
     writes: bool = True  # False: the database must hold no new rows afterwards
     app: str | None = None  # "module:factory" served instead of the service (reference rows)
+    # Records one request carries (a batch of events); the table then also shows records/s,
+    # and a target is stated in records/s (``target_rps`` stays per request).
+    items_per_request: int = 1
 
     @property
     def has_target(self) -> bool:
         return self.target_rps > 0
 
-    def target_text(self) -> str:
+    def target_text(self, items: str = "items") -> str:
         if not self.has_target:
             return "reference"
         text = f"≥ {self.target_rps:,.0f}/s"
+        if self.items_per_request > 1:
+            text = f"≥ {self.target_rps * self.items_per_request:,.0f} {items}/s"
         if self.target_p99_ms is not None:
             text += f", p99 < {self.target_p99_ms:g} ms"
         return text
@@ -77,8 +82,9 @@ class ServiceBench:
     workload: Workload
     load_text: str = ""  # one sentence for the results page: what the requests do
     checks_text: str = ""  # one sentence: what `checks` in the table means
-    seeded: str = "records"  # what --seed creates, e.g. "accounts"
+    seeded: str = "records"  # what --seed creates, e.g. "accounts"; "" if nothing is seeded
     server_env: dict[str, str] = field(default_factory=dict)  # settings every run gets
+    items: str | None = None  # what a request carries, e.g. "events": adds a column of them/s
 
     def all_scenarios(self) -> dict[str, Scenario]:
         """The service's scenarios, then the reference rows, by name."""

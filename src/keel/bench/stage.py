@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -114,6 +115,22 @@ def count_rows(database_url: str, query: str) -> int:
             await conn.close()
 
     return asyncio.run(count())
+
+
+def fetch_rows(database_url: str, query: str) -> list[tuple[Any, ...]]:
+    """The rows a read-only query returns, read from the database itself."""
+    if database_url.startswith("sqlite"):
+        with sqlite3.connect(database_url.split(":///", 1)[1]) as conn:
+            return [tuple(row) for row in conn.execute(query).fetchall()]
+
+    async def fetch() -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(plain_postgres_url(database_url), timeout=10)
+        try:
+            return [tuple(row) for row in await conn.fetch(query)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
 
 
 def free_port() -> int:

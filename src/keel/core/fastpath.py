@@ -248,7 +248,9 @@ async def _call(plan: _Plan, params: dict[str, str], scope: Scope, receive: Rece
     if plan.request_arg is not None:
         if plan.body_field is not None:  # reading it again gets the body, as from FastAPI
             receive = _replay(raw, receive)
-        values[plan.request_arg] = Request(scope, receive)
+        request = Request(scope, receive)
+        request._headers = headers  # parsed once, as Starlette caches them (no second parse)
+        values[plan.request_arg] = request
     return await plan.endpoint(**values)
 
 

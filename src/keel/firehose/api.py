@@ -62,14 +62,32 @@ def buffer_of(plat: Platform) -> Buffer:
     return buffer
 
 
-async def _body(request: Request, accepted: tuple[str, ...]) -> tuple[bytes, str]:
+async def _body(request: Request, plat: Platform, accepted: tuple[str, ...]) -> tuple[bytes, str]:
     """The request body with gzip undone, and its media type (one of ``accepted``)."""
-    media = (request.headers.get("content-type") or "").partition(";")[0].strip().lower()
+    headers = request.headers
+    media = _media_type(headers.get("content-type"))
     if not (media in accepted or (_JSON in accepted and media.endswith("+json"))):
         raise errors.UnsupportedMediaType(f"Send {' or '.join(accepted)}.")
-    limit = request.app.state.platform.settings.max_body_bytes
-    body = inflate(await request.body(), request.headers.get("content-encoding"), limit)
-    return body, media
+    body = await request.body()
+    encoding = headers.get("content-encoding")
+    if encoding is None:
+        return body, media
+    return inflate(body, encoding, plat.settings.max_body_bytes), media
+
+
+_MEDIA_TYPES: dict[str, str] = {}
+
+
+def _media_type(content_type: str | None) -> str:
+    """``Content-Type`` without its parameters, lower case; remembered, as clients send a few."""
+    if content_type is None:
+        return ""
+    media = _MEDIA_TYPES.get(content_type)
+    if media is None:
+        media = content_type.partition(";")[0].strip().lower()
+        if len(_MEDIA_TYPES) < 256:  # never grows unbounded on clients' spellings
+            _MEDIA_TYPES[content_type] = media
+    return media
 
 
 @router.post(
@@ -85,7 +103,7 @@ async def _body(request: Request, accepted: tuple[str, ...]) -> tuple[bytes, str
     },
 )
 async def ingest_event(request: Request, plat: PlatformDep, _key: WriteKey) -> Response:
-    body, _ = await _body(request, (_JSON,))
+    body, _ = await _body(request, plat, (_JSON,))
     try:
         row = decode_event(body, now_us())
     except EventRefused as refused:
@@ -115,7 +133,7 @@ async def ingest_event(request: Request, plat: PlatformDep, _key: WriteKey) -> R
     },
 )
 async def ingest_batch(request: Request, plat: PlatformDep, _key: WriteKey) -> Response:
-    body, media = await _body(request, (_JSON, *_NDJSON))
+    body, media = await _body(request, plat, (_JSON, *_NDJSON))
     rows, rejected = decode_batch(body, ndjson=media in _NDJSON, received_us=now_us())
     for rejection in rejected:
         REJECTED.labels(rejection.code).inc()

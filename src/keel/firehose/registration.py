@@ -14,4 +14,5 @@ SERVICE = ServiceEntry(
     settings="keel.firehose.settings:FirehoseSettings",
     migrations=MIGRATIONS,
     cli="keel.firehose.cli:app",
+    bench="keel.firehose.bench:BENCH",
 )

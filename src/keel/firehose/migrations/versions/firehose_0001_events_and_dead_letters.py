@@ -39,7 +39,6 @@ def upgrade() -> None:
     )
     op.create_index("ix_firehose_events_timestamp_us", "firehose_events", ["timestamp_us"])
     op.create_index("ix_firehose_events_user_id_seq", "firehose_events", ["user_id", "seq"])
-    op.create_index("ix_firehose_events_name_seq", "firehose_events", ["name", "seq"])
     op.create_table(
         "firehose_dead_letters",
         sa.Column("id", _ID, autoincrement=True, nullable=False),
@@ -54,7 +53,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("firehose_dead_letters")
-    op.drop_index("ix_firehose_events_name_seq", table_name="firehose_events")
     op.drop_index("ix_firehose_events_user_id_seq", table_name="firehose_events")
     op.drop_index("ix_firehose_events_timestamp_us", table_name="firehose_events")
     op.drop_table("firehose_events")
