@@ -247,7 +247,7 @@ DATABASE_ERRORS = (
     OSError,
 )
 # SQLSTATE classes that mean the connection or the server failed, not that it refused the work.
-_CONNECTION_FAILURE_CLASSES = frozenset({"08", "57", "58", "XX"})
+_CONNECTION_FAILURE_CLASSES = frozenset({"08", "53", "57", "58", "XX"})  # 53: out of resources
 # The transaction was rolled back so that another could proceed: running it again is safe.
 RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock, serialization failure
 

@@ -6,7 +6,8 @@ hot item's row stays locked from its UPDATE to the COMMIT; so the batch (see
 
 1. :func:`take_all`: one conditional ``UPDATE … FROM unnest`` takes each item's total for the
    batch where the stock covers it and the item has no per-user limit, and the same statement
-   reserves the order ids and says which items exist;
+   reserves the order ids and says which items exist (a batch over several items locks them
+   in id order first);
 2. :func:`write_all`: the orders, their outbox events and the idempotency records in one
    statement of data-modifying CTEs fed by ``unnest`` arrays.
 
@@ -74,8 +75,18 @@ class Taken:
     order_ids: list[int]
 
 
+# An UPDATE joined to an array locks its rows in the join's order, not by id: a batch over
+# several items first locks them in id order (one lock order everywhere; a lone item needs none).
+_LOCK_ITEMS = """
+SELECT id FROM inventory_items WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE
+"""
+
+
 def take_all(conn: Connection, purchases: list[tuple[int, int]], orders: int) -> Taken:
     """Take each item's total, where it can be taken whole; ``purchases``: (item id, quantity)."""
+    distinct = sorted({item for item, _ in purchases})
+    if len(distinct) > 1:
+        conn.exec_driver_sql(_LOCK_ITEMS, (distinct,)).all()
     row = conn.exec_driver_sql(
         _TAKE, ([item for item, _ in purchases], [q for _, q in purchases], orders)
     ).one()

@@ -5,15 +5,19 @@ previous commit. Here one committer task per process gathers the purchases that 
 the previous commit and applies them in one transaction:
 
 1. claim the batch's idempotency keys (a retried purchase replays its first answer);
-2. per-user limits: one conditional upsert per limited purchase, ``… SET quantity = quantity + :q
-   WHERE quantity + :q <= max_per_user``;
-3. stock, per item in id order: first one conditional ``UPDATE … SET available = available - :total
+2. stock, per item in id order: first one conditional ``UPDATE … SET available = available - :total
    WHERE available >= :total`` for every purchase of the item at once; if the stock cannot cover
    them all, one conditional UPDATE per purchase, in arrival order, so each is granted exactly
    while stock lasts and the rest are refused ``sold_out``;
+3. per-user limits (items with ``max_per_user``): purchase by purchase in arrival order, the
+   stock as above, then one conditional upsert of the buyer's holding, ``… SET quantity =
+   quantity + :q WHERE quantity + :q <= max_per_user``; a refused one gives its stock back
+   (``limit_exceeded``), so only granted purchases count against later ones;
 4. the orders, their ``order.placed`` events (and ``item.sold_out`` when the last unit went) and
    the idempotency records, set-wise; then commit, then answer.
 
+Every transaction locks an item's stock row before any holding row of it, and items in id
+order, so no two transactions, in any process, wait on each other in a cycle.
 No stock is read and then written: every decision is a conditional statement the database
 applies atomically (on SQLite, under ``BEGIN IMMEDIATE``; on PostgreSQL, under the row lock the
 UPDATE takes), so any number of processes and hosts can run this at once.
@@ -95,7 +99,6 @@ def apply_batch(conn: Connection, store: IdempotencyStore, batch: list[Purchase]
         sold_out, reserved_ids = _take_on_postgres(conn, batch)
     else:
         _check_items(conn, batch)
-        _reserve_limits(conn, batch)
         sold_out = _take_stock(conn, batch)
     granted = [p for p in batch if p.pending]
     now = datetime.now(UTC)
@@ -183,7 +186,6 @@ def _take_on_postgres(conn: Connection, batch: list[Purchase]) -> tuple[list[int
             left += purchase.quantity
     if rest:
         _check_items(conn, rest)
-        _reserve_limits(conn, rest)
         sold_out += _take_stock(conn, rest)
     return sold_out, taken.order_ids
 
@@ -217,44 +219,65 @@ def _check_items(conn: Connection, batch: list[Purchase]) -> None:
             purchase.limit = limits[purchase.item_id]
 
 
-def _reserve_limits(conn: Connection, batch: list[Purchase]) -> None:
-    for p in batch:
-        if p.pending and p.limit is not None:
-            if stock.add_holding(conn, p.item_id, p.user_id, p.quantity, p.limit):
-                continue
-            p.result = LimitExceeded(
-                f"User {p.user_id} may hold at most {p.limit} of item {p.item_id}."
-            )
-
-
 def _take_stock(conn: Connection, batch: list[Purchase]) -> list[int]:
-    """Grant each pending purchase while stock lasts; returns the items this batch sold out."""
+    """Grant each pending purchase while stock lasts; returns the items this batch sold out.
+
+    Items in id order, and on each item its stock row before any per-user holding row: one
+    lock order for every transaction of every process, so no two can wait on each other.
+    """
     by_item: dict[int, list[Purchase]] = defaultdict(list)
     for purchase in batch:
         if purchase.pending:
             by_item[purchase.item_id].append(purchase)
     sold_out = []
-    for item_id in sorted(by_item):  # one lock order for every process: no deadlock cycles
+    for item_id in sorted(by_item):
         wanted = by_item[item_id]
-        left = stock.take(conn, item_id, sum(p.quantity for p in wanted))
-        if left is not None:
-            for purchase in reversed(wanted):  # each sees what was left right after it
-                purchase.remaining = left
-                left += purchase.quantity
-            left = wanted[-1].remaining
+        if wanted[0].limit is None:
+            left = _take_item(conn, item_id, wanted)
         else:
-            for purchase in wanted:
-                left = stock.take(conn, item_id, purchase.quantity)
-                if left is None:
-                    purchase.result = SoldOut(
-                        f"Item {item_id} has fewer than {purchase.quantity} left."
-                    )
-                    if purchase.limit is not None:
-                        stock.drop_holding(conn, item_id, purchase.user_id, purchase.quantity)
-                else:
-                    purchase.remaining = left
-            granted = [p for p in wanted if p.pending]
-            left = granted[-1].remaining if granted else None
+            left = _take_limited(conn, item_id, wanted, wanted[0].limit)
         if left == 0:
             sold_out.append(item_id)
     return sold_out
+
+
+def _take_item(conn: Connection, item_id: int, wanted: list[Purchase]) -> int | None:
+    """All of them in one statement if the stock covers them, else one by one in arrival order.
+
+    Returns what is left after the batch, or None if nothing was granted.
+    """
+    left = stock.take(conn, item_id, sum(p.quantity for p in wanted))
+    if left is not None:
+        for purchase in reversed(wanted):  # each sees what was left right after it
+            purchase.remaining = left
+            left += purchase.quantity
+        return wanted[-1].remaining
+    last = None
+    for purchase in wanted:
+        left = stock.take(conn, item_id, purchase.quantity)
+        if left is None:
+            purchase.result = SoldOut(f"Item {item_id} has fewer than {purchase.quantity} left.")
+        else:
+            purchase.remaining = last = left
+    return last
+
+
+def _take_limited(conn: Connection, item_id: int, wanted: list[Purchase], limit: int) -> int | None:
+    """One by one in arrival order: the stock, then the buyer's holding (given back if refused).
+
+    Only a granted purchase counts against a later one of the same buyer.
+    """
+    last = None
+    for purchase in wanted:
+        left = stock.take(conn, item_id, purchase.quantity)
+        if left is None:
+            purchase.result = SoldOut(f"Item {item_id} has fewer than {purchase.quantity} left.")
+        elif stock.add_holding(conn, item_id, purchase.user_id, purchase.quantity, limit):
+            purchase.remaining = last = left
+        else:
+            stock.give_back(conn, item_id, purchase.quantity, source="sold")
+            purchase.result = LimitExceeded(
+                f"User {purchase.user_id} may hold at most {limit} of item {item_id}."
+            )
+            last = left + purchase.quantity
+    return last

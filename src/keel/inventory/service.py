@@ -1,8 +1,9 @@
 """The inventory's rules off the purchase hot path: items, holds, cancels, the expiry sweep.
 
 Each function runs inside the caller's one write transaction (a route's, through
-``Idempotency.run``), as synchronous code on its connection, and changes stock only through the
-conditional statements of :mod:`keel.inventory.stock`.
+``Idempotency.run``), as synchronous code on its connection. Stock moves through the conditional
+statements of :mod:`keel.inventory.stock` (a restock, which only adds, is its own statement
+here), always the item's stock row before its holdings rows.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def list_items(conn: Connection, after: int | None, limit: int) -> Page[Item]:
 def restock(conn: Connection, item_id: int, quantity: int) -> Item:
     row = conn.execute(
         update(items)
-        .where(items.c.id == item_id, items.c.initial + items.c.restocked + quantity <= MAX_STOCK)
+        .where(items.c.id == item_id, items.c.initial + items.c.restocked <= MAX_STOCK - quantity)
         .values(available=items.c.available + quantity, restocked=items.c.restocked + quantity)
         .returning(*items.c)
     ).first()
@@ -120,13 +121,14 @@ def reserve(
     exists, limit = stock.limit_of(conn, body.item_id)
     if not exists:
         raise ItemNotFound(f"No item with id {body.item_id}.")
+    # The stock row first, then the holding (the one lock order); a refusal rolls both back.
+    left = stock.take(conn, body.item_id, body.quantity, hold=True)
+    if left is None:
+        raise SoldOut(f"Item {body.item_id} has fewer than {body.quantity} left.")
     if limit is not None and not stock.add_holding(
         conn, body.item_id, user_id, body.quantity, limit
     ):
         raise LimitExceeded(f"User {user_id} may hold at most {limit} of item {body.item_id}.")
-    left = stock.take(conn, body.item_id, body.quantity, hold=True)
-    if left is None:
-        raise SoldOut(f"Item {body.item_id} has fewer than {body.quantity} left.")
     now = _now()
     expires_at = now + timedelta(seconds=min(body.ttl_seconds, max_seconds))
     row = conn.execute(
@@ -241,20 +243,28 @@ def expire_due(conn: Connection, limit: int = SWEEP_ROWS) -> int:
         .where(reservations.c.state == "held", reservations.c.expires_at <= now)
         .order_by(reservations.c.expires_at)
         .limit(limit)
-        .scalar_subquery()
     )
+    if conn.dialect.name == "postgresql":  # sweepers in other processes take other holds
+        due = due.with_for_update(skip_locked=True)
     rows = conn.execute(
         update(reservations)
-        .where(reservations.c.id.in_(due), reservations.c.state == "held")
+        .where(reservations.c.id.in_(due.scalar_subquery()), reservations.c.state == "held")
         .values(state="expired")
         .returning(*reservations.c)
     ).all()
     returned: dict[int, int] = defaultdict(int)
+    held: dict[tuple[int, str], int] = defaultdict(int)
     for row in rows:
         returned[row.item_id] += row.quantity
-        stock.drop_holding(conn, row.item_id, row.user_id, row.quantity)
-    for item_id in sorted(returned):
+        held[(row.item_id, row.user_id)] += row.quantity
+    for item_id in sorted(returned):  # stock rows first, in id order: the one lock order
         stock.give_back(conn, item_id, returned[item_id], source="reserved")
+    limited = set(
+        conn.execute(
+            select(items.c.id).where(items.c.id.in_(returned), items.c.max_per_user.is_not(None))
+        ).scalars()
+    )
+    stock.drop_holdings(conn, {pair: q for pair, q in held.items() if pair[0] in limited})
     if rows:
         OUTBOX.publish_many(
             conn,

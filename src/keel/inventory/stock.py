@@ -1,6 +1,7 @@
 """The conditional statements every stock movement is made of, shared by all the routes.
 
-Each returns what the database decided; none reads a count and writes it back. The invariant
+None reads a count and writes it back: each is one statement the database applies atomically,
+and those that can be refused return what it decided. The invariant
 ``available + reserved + sold = initial + restocked`` (all ≥ 0) is also a CHECK constraint on
 ``inventory_items``, so a statement that would break it fails instead of committing.
 """
@@ -11,7 +12,7 @@ import json
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -81,6 +82,23 @@ def drop_holding(conn: Connection, item_id: int, user_id: str, quantity: int) ->
         .where(holdings.c.item_id == item_id, holdings.c.user_id == user_id)
         .values(quantity=holdings.c.quantity - quantity)
     )
+
+
+def drop_holdings(conn: Connection, held: dict[tuple[int, str], int]) -> None:
+    """:func:`drop_holding` for many (item, user) pairs, in key order, in one executemany."""
+    if held:
+        conn.execute(
+            update(holdings)
+            .where(
+                holdings.c.item_id == bindparam("h_item"),
+                holdings.c.user_id == bindparam("h_user"),
+            )
+            .values(quantity=holdings.c.quantity - bindparam("h_quantity")),
+            [
+                {"h_item": item, "h_user": user, "h_quantity": quantity}
+                for (item, user), quantity in sorted(held.items())
+            ],
+        )
 
 
 def limit_of(conn: Connection, item_id: int) -> tuple[bool, int | None]:
