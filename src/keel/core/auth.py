@@ -115,6 +115,12 @@ class _ExpiringCache(OrderedDict[str, tuple[float, "ApiKey | None"]]):
             self.popitem(last=False)
 
 
+# After a lookup failed, stale keys are answered from the cache this long without asking again:
+# a database that is down (or blackholed, each attempt waiting out a connect timeout) must not
+# be asked by every request.
+AWAY_SECONDS = 1.0
+
+
 class ApiKeyVerifier:
     """Checks presented keys against the database, with short, bounded in-process caches.
 
@@ -154,6 +160,7 @@ class ApiKeyVerifier:
         self._database = database
         self._cache_seconds = cache_seconds
         self._stale_seconds = stale_seconds
+        self._database_away_until = 0.0  # after a failed lookup, stale keys are not re-asked
         self._negative_seconds = negative_cache_seconds
         self._clock = clock
         self._known = _ExpiringCache(max_entries)
@@ -182,6 +189,8 @@ class ApiKeyVerifier:
             known = self._known.pop(raw) and None
         if known is not None:
             left = known[0] - self._stale_seconds - now
+            if left <= 0 and now < self._database_away_until:
+                return known[1]  # a lookup just failed: do not make this request wait on another
             if left > 0:
                 if left < self._cache_seconds / 5 and raw not in self._fetching:
                     self._refresh(raw)  # nearly stale: look it up again, answer from cache now
@@ -194,6 +203,7 @@ class ApiKeyVerifier:
             # shield: one waiter giving up must not cancel the lookup the others wait for
             return await asyncio.shield(self._refresh(raw, new=known is None))
         except Exception:
+            self._database_away_until = self._clock() + AWAY_SECONDS
             if known is None:
                 raise
             # The database cannot say: a key it confirmed within stale_seconds still works, so

@@ -26,7 +26,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 from sqlalchemy.engine import Connection
@@ -64,6 +64,11 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS spool_depth ("
     " id INTEGER PRIMARY KEY CHECK (id = 1), events INTEGER NOT NULL)",
     "INSERT OR IGNORE INTO spool_depth (id, events) VALUES (1, 0)",
+    # Rows that no longer decode (written by another version of keel): kept, never dropped.
+    "CREATE TABLE IF NOT EXISTS spool_rejects ("
+    " seq INTEGER PRIMARY KEY, events INTEGER NOT NULL, rows BLOB NOT NULL, reason TEXT NOT NULL)",
+    # Which store the spooled events were accepted for.
+    "CREATE TABLE IF NOT EXISTS spool_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
 _encode = msgspec.msgpack.Encoder(uuid_format="bytes").encode
 _decode = msgspec.msgpack.Decoder(list[EventRow]).decode
@@ -71,10 +76,15 @@ _decode = msgspec.msgpack.Decoder(list[EventRow]).decode
 
 @dataclass(frozen=True, slots=True)
 class SpoolBatch:
-    """The oldest spooled events, read for one flush: forgotten through ``last_seq`` once stored."""
+    """The oldest spooled events, read for one flush: forgotten through ``last_seq`` once stored.
+
+    ``rejected`` are rows among them that do not decode: set aside in ``spool_rejects`` when
+    the batch is forgotten, so one bad row never stops the drain.
+    """
 
     last_seq: int
     rows: list[EventRow]
+    rejected: list[tuple[int, int, bytes, str]] = field(default_factory=list)
 
 
 def _sqlite(conn: Connection) -> sqlite3.Connection:
@@ -100,17 +110,41 @@ def _read_oldest(conn: Connection, flush_size: int) -> SpoolBatch | None:
     """The oldest whole rows holding at most ``flush_size`` events (at least one row)."""
     cursor = _sqlite(conn).execute("SELECT seq, events, rows FROM spool ORDER BY seq")
     rows: list[EventRow] = []
+    rejected: list[tuple[int, int, bytes, str]] = []
     last_seq = None
     try:
         while (found := cursor.fetchone()) is not None:
             seq, count, blob = found
             if rows and len(rows) + count > flush_size:
                 break
-            rows.extend(_decode(blob))
+            try:
+                rows.extend(_decode(blob))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                rejected.append((seq, count, blob, f"{type(exc).__name__}: {exc}"))
             last_seq = seq
     finally:
         cursor.close()
-    return None if last_seq is None else SpoolBatch(last_seq, rows)
+    return None if last_seq is None else SpoolBatch(last_seq, rows, rejected)
+
+
+def _set_aside(conn: Connection, rejected: list[tuple[int, int, bytes, str]]) -> None:
+    _sqlite(conn).executemany(
+        "INSERT OR IGNORE INTO spool_rejects (seq, events, rows, reason) VALUES (?, ?, ?, ?)",
+        rejected,
+    )
+
+
+def _adopt(conn: Connection, store: str) -> None:
+    """Claim the spool for ``store``; refuse one that holds events accepted for another store."""
+    db = _sqlite(conn)
+    found = db.execute("SELECT value FROM spool_meta WHERE key = 'store'").fetchone()
+    (depth,) = db.execute("SELECT events FROM spool_depth WHERE id = 1").fetchone()
+    if found is not None and found[0] != store and depth:
+        raise RuntimeError(
+            f"the spool holds {depth} events accepted for {found[0]}, not {store}: start keel"
+            " against that store to drain it, or give this one its own KEEL_FIREHOSE_SPOOL_PATH"
+        )
+    db.execute("INSERT OR REPLACE INTO spool_meta (key, value) VALUES ('store', ?)", (store,))
 
 
 def _forget_through(conn: Connection, last_seq: int) -> int:
@@ -155,11 +189,15 @@ class SpoolBuffer(Buffer):
         self._drainer: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
         self._draining = False  # this process holds the drain lock
+        self._drain_error: str | None = None  # why this process cannot drain, while it cannot
 
     # -- ingest -------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        _owner_only(self._path)
         await self.spool.run_write(_create_schema)
+        store = self._store.engine.url.render_as_string(hide_password=True)
+        await self.spool.run_write(lambda conn: _adopt(conn, store))
         self._committer.start()
         self._drainer = asyncio.create_task(self._drain_forever(), name="keel-firehose-spool")
 
@@ -233,15 +271,32 @@ class SpoolBuffer(Buffer):
         self.status.flushed(len(batch.rows), time.monotonic() - started, refused)
 
     async def forget(self, batch: SpoolBatch) -> int:
-        """Delete ``batch`` from the spool: only once :meth:`store` has returned."""
-        return await self.spool.run_write(lambda conn: _forget_through(conn, batch.last_seq))
+        """Delete ``batch`` from the spool: only once :meth:`store` has returned.
+
+        Rows of it that did not decode move to ``spool_rejects`` in the same transaction.
+        """
+
+        def forget(conn: Connection) -> int:
+            if batch.rejected:
+                _set_aside(conn, batch.rejected)
+            return _forget_through(conn, batch.last_seq)
+
+        if batch.rejected:
+            log.error(
+                "spool %s: %d row(s) do not decode (%s); kept in its spool_rejects table",
+                self._path,
+                len(batch.rejected),
+                batch.rejected[0][3][:200],
+            )
+        return await self.spool.run_write(forget)
 
     async def flush_once(self) -> int:
         """Take, store, forget: one flush; returns the events moved (0 if the spool is empty)."""
         batch = await self.take()
         if batch is None:
             return 0
-        await self.store(batch)
+        if batch.rows:
+            await self.store(batch)
         await self.forget(batch)
         return len(batch.rows)
 
@@ -250,9 +305,17 @@ class SpoolBuffer(Buffer):
     async def _drain_forever(self) -> None:
         backoff = BACKOFF_FIRST
         while not self._stopping.is_set():
-            if not self._take_drain_lock():
-                await self._pause(LOCK_RETRY_SECONDS)
+            try:
+                if not self._take_drain_lock():
+                    await self._pause(LOCK_RETRY_SECONDS)
+                    continue
+            except OSError as exc:  # the lock file cannot be opened: nobody here can drain
+                self._drain_error = f"cannot take the drain lock: {exc!r}"
+                log.error("spool %s: %s", self._path, self._drain_error)
+                await self._pause(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
+            self._drain_error = None
             self._appended.clear()
             try:
                 due_in = await self._flush_due_in()
@@ -331,6 +394,9 @@ class SpoolBuffer(Buffer):
 
     async def health(self) -> BufferHealth:
         depth, oldest_us = await self.spool.run_read(_measure)
+        rejects = await self.spool.run_read(
+            lambda conn: _sqlite(conn).execute("SELECT count(*) FROM spool_rejects").fetchone()[0]
+        )
         age = None if oldest_us is None else round(max(0.0, time.time() - oldest_us / 1e6), 3)
         return BufferHealth(
             kind=self.kind,
@@ -342,9 +408,23 @@ class SpoolBuffer(Buffer):
             extra={
                 "path": str(self._path),
                 "draining_here": self._draining,
+                "drain_error": self._drain_error,
+                "rejected_rows": rejects,  # rows that did not decode, kept in spool_rejects
                 "requests_waiting": self._committer.queue_depth,
             },
         )
 
     def unready(self) -> str | None:
+        if self._drain_error is not None:
+            return f"spool {self._path}: {self._drain_error}"
+        if self._drainer is not None and self._drainer.done() and not self._stopping.is_set():
+            return f"spool {self._path}: the drain task stopped"
         return self._committer.unready()
+
+
+def _owner_only(path: os.PathLike[str] | str) -> None:
+    """The spool holds every event's data: readable by its owner only (SQLite gives its WAL and
+    shared-memory files the database file's mode)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
