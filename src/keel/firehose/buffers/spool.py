@@ -35,7 +35,7 @@ from keel.core.batching import GroupCommitter
 from keel.core.database import Database, create_engine
 from keel.core.errors import KeelError
 from keel.firehose import errors
-from keel.firehose.buffers.base import Buffer, BufferHealth, StoreStatus
+from keel.firehose.buffers.base import BUFFER_DEPTH, Buffer, BufferHealth, StoreStatus
 from keel.firehose.events import EventRow, now_us
 from keel.firehose.settings import FirehoseSettings
 from keel.firehose.store import store_batch
@@ -337,6 +337,7 @@ class SpoolBuffer(Buffer):
         on this host do not wake this one.
         """
         depth, oldest_us = await self.spool.run_read(_measure)
+        BUFFER_DEPTH.labels(self.kind).set(depth)  # /metrics follows the drain, not /health
         age_limit = self._settings.flush_age_ms / 1000
         if oldest_us is None:
             return age_limit
