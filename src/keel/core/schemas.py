@@ -15,14 +15,14 @@ from keel.core.errors import InvalidCursor
 MAX_ID = 2**63 - 1
 
 
-def _below_2_63(schema: dict[str, Any]) -> None:
+def below_2_63(schema: dict[str, Any]) -> None:
     """Bound an id schema by 2**63 exclusive: FastAPI writes component bounds as floats, and
     MAX_ID as a float is 2**63, one past the largest id; 2**63 itself is exact."""
     schema.pop("maximum", None)
     schema["exclusiveMaximum"] = MAX_ID + 1
 
 
-Id = Annotated[int, Field(ge=1, le=MAX_ID, strict=True, json_schema_extra=_below_2_63)]
+Id = Annotated[int, Field(ge=1, le=MAX_ID, strict=True, json_schema_extra=below_2_63)]
 PathId = Annotated[int, Field(ge=1, le=MAX_ID)]
 Limit = Annotated[int, Query(ge=1, le=100, description="Page size, at most 100.")]
 # A cursor is the last id seen, 8 bytes big-endian in unpadded URL-safe base64: 11 characters,

@@ -46,6 +46,54 @@ PathId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 PurchaseCommitter = GroupCommitter[Purchase, Order | StoredResponse]
 
 
+def _link(
+    operation_id: str, *, body: dict[str, str] | None = None, **parameters: str
+) -> dict[str, object]:
+    """An OpenAPI link: what a response leads to (clients and the fuzzer's stateful phase
+    follow them: a new item is read, bought and held; a hold is confirmed or released)."""
+    link: dict[str, object] = {"operationId": operation_id}
+    if parameters:
+        link["parameters"] = parameters
+    if body:
+        link["requestBody"] = body
+    return link
+
+
+_ITEM = "$response.body#/id"
+ITEM_LINKS = {
+    "GetItem": _link("get_item_items__item_id__get", item_id=_ITEM),
+    "RestockItem": _link("restock_items__item_id__restock_post", item_id=_ITEM),
+    "ListItemOrders": _link("list_orders_items__item_id__orders_get", item_id=_ITEM),
+    "BuyItem": _link("purchase_purchase_post", body={"item_id": _ITEM}),
+    "HoldItem": _link("create_reservation_reservations_post", body={"item_id": _ITEM}),
+}
+_ORDER = "$response.body#/order_id"
+ORDER_LINKS = {
+    "CancelOrder": _link("cancel_order_orders__order_id__cancel_post", order_id=_ORDER),
+    "ListItemOrders": _link(
+        "list_orders_items__item_id__orders_get", item_id="$response.body#/item_id"
+    ),
+}
+_HOLD = "$response.body#/reservation_id"
+HOLD_LINKS = {
+    "GetReservation": _link(
+        "get_reservation_reservations__reservation_id__get", reservation_id=_HOLD
+    ),
+    "ConfirmReservation": _link(
+        "confirm_reservation_reservations__reservation_id__confirm_post", reservation_id=_HOLD
+    ),
+    "ReleaseReservation": _link(
+        "release_reservation_reservations__reservation_id__delete", reservation_id=_HOLD
+    ),
+}
+RELEASED_LINKS = {  # a released hold cannot be confirmed: 409 reservation_released
+    "ConfirmReleased": _link(
+        "confirm_reservation_reservations__reservation_id__confirm_post",
+        reservation_id="$request.path.reservation_id",
+    ),
+}
+
+
 def _json(body: str, status: int = 200) -> Response:
     return Response(body, status_code=status, media_type="application/json")
 
@@ -56,7 +104,7 @@ def _json(body: str, status: int = 200) -> Response:
     response_model=Item,
     tags=["items"],
     summary="Add an item with its initial stock (admin)",
-    responses=problem_responses(SkuTaken),
+    responses={201: {"links": ITEM_LINKS}, **problem_responses(SkuTaken)},
     openapi_extra=IDEMPOTENT,
 )
 async def create_item(
@@ -102,7 +150,7 @@ async def list_items(
     response_model=Item,
     tags=["items"],
     summary="Add stock (admin)",
-    responses=problem_responses(ItemNotFound, StockOutOfRange),
+    responses={200: {"links": ITEM_LINKS}, **problem_responses(ItemNotFound, StockOutOfRange)},
     openapi_extra=IDEMPOTENT,
 )
 async def restock(
@@ -140,7 +188,10 @@ async def list_orders(
     response_model=Order,
     tags=["orders"],
     summary="Buy now: 201 with the order and the stock left, or 409 sold_out / limit_exceeded",
-    responses=problem_responses(ItemNotFound, SoldOut, LimitExceeded),
+    responses={
+        201: {"links": ORDER_LINKS},
+        **problem_responses(ItemNotFound, SoldOut, LimitExceeded),
+    },
     openapi_extra=IDEMPOTENT,
 )
 async def purchase(
@@ -167,7 +218,10 @@ async def purchase(
     response_model=Reservation,
     tags=["reservations"],
     summary="Hold stock for up to 900 s",
-    responses=problem_responses(ItemNotFound, SoldOut, LimitExceeded),
+    responses={
+        201: {"links": HOLD_LINKS},
+        **problem_responses(ItemNotFound, SoldOut, LimitExceeded),
+    },
     openapi_extra=IDEMPOTENT,
 )
 async def create_reservation(
@@ -203,9 +257,12 @@ async def get_reservation(reservation_id: PathId, _key: ReadKey, plat: PlatformD
     response_model=Order,
     tags=["reservations"],
     summary="Turn an unexpired hold into an order",
-    responses=problem_responses(
-        ReservationNotFound, ReservationExpired, ReservationReleased, ReservationConfirmed
-    ),
+    responses={
+        201: {"links": ORDER_LINKS},
+        **problem_responses(
+            ReservationNotFound, ReservationExpired, ReservationReleased, ReservationConfirmed
+        ),
+    },
     openapi_extra=IDEMPOTENT,
 )
 async def confirm_reservation(
@@ -224,7 +281,10 @@ async def confirm_reservation(
     status_code=204,
     tags=["reservations"],
     summary="Release a hold (again: no change)",
-    responses=problem_responses(ReservationNotFound, ReservationExpired, ReservationConfirmed),
+    responses={
+        204: {"links": RELEASED_LINKS},
+        **problem_responses(ReservationNotFound, ReservationExpired, ReservationConfirmed),
+    },
 )
 async def release_reservation(
     reservation_id: PathId, _key: WriteKey, plat: PlatformDep
@@ -239,7 +299,10 @@ async def release_reservation(
     response_model=Order,
     tags=["orders"],
     summary="Cancel an order and return its stock (twice: 409 already_cancelled)",
-    responses=problem_responses(OrderNotFound, AlreadyCancelled),
+    responses={
+        200: {"links": {"CancelAgain": ORDER_LINKS["CancelOrder"]}},
+        **problem_responses(OrderNotFound, AlreadyCancelled),
+    },
 )
 async def cancel_order(order_id: PathId, _key: WriteKey, plat: PlatformDep) -> Response:
     async with plat.database.write() as conn:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from keel.core.schemas import Id
+from keel.core.schemas import MAX_ID, Id, below_2_63
 
 MAX_STOCK = 2**62  # far inside BIGINT: no sum of in-range counts can overflow
 Count = Annotated[StrictInt, Field(ge=0, le=MAX_STOCK)]
@@ -15,7 +15,7 @@ Quantity = Annotated[StrictInt, Field(ge=1, le=1_000_000, description="Units, at
 # A buyer's id as the shop knows it: a string, or an integer (kept as its decimal string).
 UserId = (
     Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
-    | Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+    | Annotated[StrictInt, Field(ge=-(2**63), le=MAX_ID, json_schema_extra=below_2_63)]
 )
 
 
