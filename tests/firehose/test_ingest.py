@@ -21,7 +21,7 @@ Drained = Callable[[], Awaitable[None]]
 
 
 def event(user: str = "u1", **fields: object) -> dict[str, object]:
-    return {"user_id": user, "name": "click", "timestamp": NOW, **fields}
+    return {"user_id": user, "name": "click", "timestamp": time.time(), **fields}
 
 
 async def stored(database: Database, *ids: str) -> dict[str, int]:
@@ -160,9 +160,7 @@ async def test_reading_back_filters_and_pages(
     assert seen == [6, 4, 2, 0]  # newest first
     stats = (await firehose.get("/stats", params={"window": 600})).json()
     assert stats["total"] >= 7
-    assert {"name": "view", "count": 3}.items() <= {**stats, **{}}.items() or any(
-        n["name"] == "view" and n["count"] >= 3 for n in stats["per_name"]
-    )
+    assert any(n["name"] == "view" and n["count"] >= 3 for n in stats["per_name"]), stats
 
 
 async def test_health_shows_the_buffer(firehose: httpx.AsyncClient) -> None:
