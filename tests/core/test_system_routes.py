@@ -142,3 +142,13 @@ async def test_docs_load_only_local_assets(client: httpx.AsyncClient) -> None:
             served = await client.get(asset, headers={"Authorization": ""})
             assert served.status_code == 200 and served.content, asset
         assert "https://" not in html and "http://" not in html, page
+
+
+async def test_a_listing_refuses_a_query_parameter_it_does_not_declare(
+    client: httpx.AsyncClient,
+) -> None:
+    """A typo in a filter (``q`` written ``query``) must not silently answer without it."""
+    reply = await client.get("/search", params={"query": "ali", "q": "ali"})
+    assert reply.status_code == 422
+    assert reply.json()["errors"] == [{"loc": ["query", "query"], "msg": "Unknown query parameter"}]
+    assert (await client.get("/search", params={"q": "ali"})).status_code == 200

@@ -5,12 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import Query, Request
 from prometheus_client import Counter
 from starlette.responses import Response
 
 from keel.core.errors import invalid_request, problem_responses
 from keel.core.platform import AdminKey, Platform, PlatformDep, ReadKey, WriteKey
+from keel.core.routing import router as keel_router
 from keel.core.schemas import Cursor, Limit, Page, decode_cursor
 from keel.firehose import errors, service
 from keel.firehose.buffers import Buffer
@@ -28,7 +29,7 @@ from keel.firehose.schemas import (
     event_request_body,
 )
 
-router = APIRouter(tags=["firehose"])
+router = keel_router(tags=["firehose"])
 
 ACCEPTED = Counter("keel_firehose_events_accepted_total", "Events acknowledged with a 202.")
 REJECTED = Counter(

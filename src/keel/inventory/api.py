@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import Path, Request
 from starlette.responses import Response
 
 from keel.core.batching import GroupCommitter
@@ -12,6 +12,7 @@ from keel.core.errors import InvalidCursor, problem_responses
 from keel.core.idempotency import StoredResponse
 from keel.core.openapi import IDEMPOTENT
 from keel.core.platform import AdminKey, PlatformDep, ReadKey, WriteKey
+from keel.core.routing import router as keel_router
 from keel.core.schemas import Cursor, Limit, Page, decode_cursor
 from keel.inventory import service
 from keel.inventory.errors import (
@@ -40,7 +41,7 @@ from keel.inventory.schemas import (
 )
 from keel.inventory.settings import InventorySettings
 
-router = APIRouter()
+router = keel_router()
 
 PathId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 PurchaseCommitter = GroupCommitter[Purchase, Order | StoredResponse]

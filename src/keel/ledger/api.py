@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import Path, Query, Request
 from starlette.responses import Response
 
 from keel.core.batching import GroupCommitter
@@ -12,6 +12,7 @@ from keel.core.errors import InvalidCursor, problem_responses
 from keel.core.idempotency import StoredResponse
 from keel.core.openapi import IDEMPOTENT
 from keel.core.platform import AdminKey, Platform, PlatformDep, ReadKey, WriteKey, platform
+from keel.core.routing import router as keel_router
 from keel.core.schemas import Cursor, Limit, Page, decode_cursor
 from keel.ledger import service
 from keel.ledger.errors import (
@@ -32,7 +33,7 @@ from keel.ledger.schemas import (
     UserCreate,
 )
 
-router = APIRouter()
+router = keel_router()
 
 # Each route lists its own problems; keel.core.openapi adds the platform's (auth, limits,
 # validation, outages, Idempotency-Key) to the documentation.

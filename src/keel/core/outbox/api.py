@@ -12,12 +12,13 @@ from keel.core.outbox import store
 from keel.core.outbox.schemas import Delivery
 from keel.core.outbox.store import DeliveryState
 from keel.core.platform import AdminKey, PlatformDep
+from keel.core.routing import router as keel_router
 from keel.core.schemas import Cursor, Limit, Page, decode_cursor
 
 
 def deliveries_router(service: str) -> APIRouter:
     """``GET /webhooks/deliveries``, listing ``service``'s deliveries only."""
-    router = APIRouter(tags=["webhooks"])
+    router = keel_router(tags=["webhooks"])
 
     @router.get(
         "/webhooks/deliveries",
