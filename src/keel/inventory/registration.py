@@ -13,4 +13,5 @@ SERVICE = ServiceEntry(
     app_factory="keel.inventory.app:create_app",
     settings="keel.inventory.settings:InventorySettings",
     migrations=MIGRATIONS,
+    prove="keel.inventory.prove:prove",
 )
