@@ -11,6 +11,7 @@ it counts one), so a load fired afterwards really races in ``workers`` processes
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from prometheus_client.mmap_dict import MmapedDict
 
 POLL_SECONDS = 0.05
 _PID_FILE = re.compile(r"_(\d+)\.db$")
@@ -163,6 +165,26 @@ class ServiceProcess:
         """Pids of the processes that have served at least one request since this start."""
         found = (_PID_FILE.search(path.name) for path in self.metrics_dir.iterdir())
         return {int(match.group(1)) for match in found if match}
+
+    def requests_served(self, method: str, route: str) -> dict[int, float]:
+        """Requests each process has served on ``route`` since this start, by pid (from the
+        Prometheus files each writes; a process counts a request just after answering it)."""
+        served: dict[int, float] = {}
+        for path in self.metrics_dir.glob("counter_*.db"):
+            match = _PID_FILE.search(path.name)
+            if not match:
+                continue
+            values = MmapedDict.read_all_values_from_file(str(path))  # type: ignore[no-untyped-call]
+            for key, value, _timestamp, _pos in values:
+                _metric, name, labels, _help = json.loads(key)
+                if (
+                    name == "keel_http_requests_total"
+                    and labels.get("method") == method
+                    and labels.get("route") == route
+                ):
+                    pid = int(match.group(1))
+                    served[pid] = served.get(pid, 0.0) + value
+        return served
 
     def _check_alive(self) -> None:
         assert self.process is not None

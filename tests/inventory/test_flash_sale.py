@@ -51,6 +51,7 @@ def test_keel_prove_inventory_on_sqlite_with_4_processes() -> None:
     assert "PROVEN: every invariant holds" in done.output
     assert "1000 buyers answered in" in done.output
     assert "✗" not in done.output
+    assert "purchases served per server process:" in done.output
 
 
 @postgres_only
@@ -58,6 +59,7 @@ def test_1000_buyers_100_units_4_processes_on_postgres(fresh_postgres: str) -> N
     result = run_proof(SalePlan(buyers=1000, stock=100, processes=4, database_url=fresh_postgres))
     assert_proven(result)
     assert placed_orders(result) == 100
+    assert len(result.purchases_by_process) >= 2, "the race ran in several processes"
 
 
 @postgres_only
@@ -67,6 +69,7 @@ def test_two_servers_share_one_postgres_database(fresh_postgres: str) -> None:
     )
     assert_proven(result)
     assert placed_orders(result) == 100
+    assert len(result.purchases_by_process) >= 2, "several processes sold"
 
 
 def test_every_buyer_retrying_under_one_key_still_places_exactly_100_orders() -> None:

@@ -130,9 +130,9 @@ class Shop:
         """Open every connection before the sale starts, as shoppers wait on an open page."""
 
         async def touch(client: httpx.AsyncClient) -> None:
-            replies = await asyncio.gather(*(client.get("/ready") for _ in range(self.POOL)))
-            for reply in replies:
-                reply.raise_for_status()
+            # /health, not /ready: a thousand readiness checks at once would queue on the
+            # database pool; any reply at all means the connection is open.
+            await asyncio.gather(*(client.get("/health") for _ in range(self.POOL)))
 
         await asyncio.gather(*(touch(client) for client in self.clients))
 

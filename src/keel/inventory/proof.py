@@ -13,6 +13,7 @@ database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
 import uuid
@@ -34,7 +35,7 @@ from keel.inventory.prove import SalePlan
 from keel.inventory.registration import MIGRATIONS, SERVICE
 from keel.inventory.sale_audit import Check, SaleState, judge, read_sale
 from keel.inventory.schemas import ItemCreate
-from keel.serving import ServiceProcess
+from keel.serving import ServiceProcess, wait_until
 
 # The proof is about stock, not about the per-key rate limit all its buyers share.
 SERVER_ENV = {"KEEL_INVENTORY_RATE_LIMIT": "1000000/second", "KEEL_INVENTORY_ACCESS_LOG": "false"}
@@ -57,6 +58,7 @@ class ProofResult:
     sale: Sale
     checks: list[Check]
     record: SaleRecord
+    purchases_by_process: list[int]  # purchases each server process served, most first
 
     @property
     def ok(self) -> bool:
@@ -160,6 +162,19 @@ async def settled(sale: Sale) -> SaleState:
         await asyncio.sleep(0.1)
 
 
+def purchases_served(servers: list[ServiceProcess], record: SaleRecord) -> list[int]:
+    """How many purchases each server process served: evidence the race really ran in many."""
+    answered = sum(a.kind == "purchase" and a.status is not None for a in record.answers)
+
+    def counts() -> list[int]:
+        served = (s.requests_served("POST", "/purchase") for s in servers)
+        return sorted((int(n) for each in served for n in each.values()), reverse=True)
+
+    with contextlib.suppress(TimeoutError):  # a count that lags is shown as it stands
+        wait_until(lambda: sum(counts()) >= answered, 10, "the purchase counts")
+    return counts()
+
+
 def run_proof(plan: SalePlan, observer: Observer | None = None) -> ProofResult:
     """Prepare, serve, sell and judge (see the module docstring)."""
     observer = observer or Observer()
@@ -176,6 +191,7 @@ def run_proof(plan: SalePlan, observer: Observer | None = None) -> ProofResult:
             observer.status(f"{plan.buyers} buyers")
             urls = [s.base_url for s in servers]
             record = asyncio.run(sell(sale, plan, buyers, urls, observer))
+            by_process = purchases_served(servers, record)
         finally:
             for server in servers:
                 server.stop()
@@ -183,4 +199,4 @@ def run_proof(plan: SalePlan, observer: Observer | None = None) -> ProofResult:
         state = asyncio.run(settled(sale))
         asyncio.run(revoke_key(sale))
     checks = judge(buyers, record.answers, state, plan.stock, plan.max_per_user, plan.retries)
-    return ProofResult(plan, sale, checks, record)
+    return ProofResult(plan, sale, checks, record, by_process)

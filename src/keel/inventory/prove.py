@@ -85,6 +85,8 @@ def prove(
         result = run_proof(plan, Drawn())
     console.print(verdict_table(result))
     console.print(sell_out_line(result))
+    spread = ", ".join(str(n) for n in result.purchases_by_process)
+    console.print(f"purchases served per server process: {spread}")
     if not result.ok:
         console.print("[bold red]VIOLATED[/]: see the rows marked ✗")
         raise typer.Exit(1)
