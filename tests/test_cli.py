@@ -108,10 +108,12 @@ def test_keys_for_every_scope(tmp_path: Path, scope: str) -> None:
 
 def test_commands_come_from_the_registry() -> None:
     top = runner.invoke(app, ["--help"]).output
-    for command in ("serve", "run", "db", "apikey", "bench", *services()):
+    groups = [name for name, entry in services().items() if entry.cli]
+    for command in ("serve", "run", "db", "apikey", "bench", "prove", *groups):
         assert re.search(rf"^│ {command} ", top, re.M), command
     assert "audit" in runner.invoke(app, ["ledger", "--help"]).output
     assert re.search(r"^│ ledger ", runner.invoke(app, ["bench", "--help"]).output, re.M)
+    assert re.search(r"^│ inventory ", runner.invoke(app, ["prove", "--help"]).output, re.M)
 
 
 def test_an_unknown_service_is_refused(tmp_path: Path) -> None:

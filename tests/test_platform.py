@@ -59,13 +59,15 @@ def test_keel_help_loads_no_app_database_or_server() -> None:
 def test_the_toy_gets_every_command() -> None:
     helps = {
         args[0] if args else "keel": runner.invoke(cli, [*args, "--help"]).output
-        for args in ([], ["serve"], ["db", "upgrade"], ["apikey", "create"], ["bench"])
+        for args in ([], ["serve"], ["db", "upgrade"], ["apikey", "create"], ["bench"], ["prove"])
     }
     assert re.search(r"toy\s+Notes, for the platform's tests\.", helps["keel"])
     assert "ledger" in helps["keel"]  # registered services stay beside it
     for command in ("serve", "db", "apikey"):
         assert "toy" in helps[command], command
     assert re.search(r"^│ toy ", helps["bench"], re.M), helps["bench"]
+    assert re.search(r"^│ toy\s+Check that the database holds", helps["prove"], re.M)
+    assert re.search(r"^│ inventory ", helps["prove"], re.M), helps["prove"]
 
 
 async def _ready(url: str) -> httpx.Response:
@@ -95,6 +97,11 @@ def test_db_upgrade_readiness_keys_and_cli_group_for_the_toy(tmp_path: Path) -> 
     counted = runner.invoke(cli, ["toy", "count", "--database-url", url])
     assert counted.exit_code == 0, counted.output
     assert "0 notes" in counted.output
+    proven = runner.invoke(cli, ["prove", "toy", "--notes", "0", "--database-url", url])
+    assert proven.exit_code == 0, proven.output
+    refuted = runner.invoke(cli, ["prove", "toy", "--notes", "1", "--database-url", url])
+    assert refuted.exit_code == 1, refuted.output
+    assert "0 notes, 1 expected" in refuted.output
 
 
 @pytest.fixture

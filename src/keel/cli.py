@@ -1,7 +1,8 @@
 """The ``keel`` command line, built from the registry.
 
 Every registered service gets ``keel serve <name>``, ``keel db upgrade <name>``, API keys in its
-database, ``keel bench <name>`` if it declares scenarios, and its own group (``keel <name> …``).
+database, ``keel bench <name>`` if it declares scenarios, ``keel prove <name>`` if it declares a
+proof, and its own group (``keel <name> …``).
 Nothing here names a service. Heavy modules (uvicorn, SQLAlchemy, Alembic) load inside commands,
 so ``keel --help`` stays quick.
 """
@@ -39,11 +40,29 @@ def build_app(entries: Mapping[str, ServiceEntry]) -> typer.Typer:
     cli.add_typer(_db_app(entries, names), name="db")
     cli.add_typer(_apikey_app(entries, names), name="apikey")
     cli.add_typer(bench_app(entries), name="bench")
+    proofs = _prove_app(entries)
+    if proofs is not None:
+        cli.add_typer(proofs, name="prove")
     for entry in entries.values():
         group = entry.load_cli()
         if group is not None:
             cli.add_typer(group, name=entry.name, help=entry.summary)
     return cli
+
+
+def _prove_app(entries: Mapping[str, ServiceEntry]) -> typer.Typer | None:
+    """``keel prove <name>``: each service's proof of its property against real processes."""
+    prove = typer.Typer(
+        help="Prove a service's property against real server processes.", no_args_is_help=True
+    )
+    found = False
+    for entry in entries.values():
+        command = entry.load_prove()
+        if command is not None:
+            about = " ".join((command.__doc__ or entry.summary).split())
+            prove.command(name=entry.name, help=about)(command)
+            found = True
+    return prove if found else None
 
 
 def _add_serving(cli: typer.Typer, entries: Mapping[str, ServiceEntry], names: type) -> None:

@@ -1,8 +1,8 @@
 """The services keel runs. A new service is its package plus one line in :data:`REGISTERED`.
 
 Each service declares itself once, as a :class:`ServiceEntry` in its own package: its app factory,
-settings, migration chain, CLI group and bench scenarios. The entry names them by import path, so
-reading the registry (as ``keel --help`` does) imports no app, database driver or Alembic.
+settings, migration chain, CLI group, bench scenarios and proof. The entry names them by import
+path, so reading the registry (as ``keel --help`` does) imports no app, database driver or Alembic.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from keel.core.chains import MigrationChain
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import typer
 
     from keel.bench.scenarios import ServiceBench
@@ -44,6 +46,7 @@ class ServiceEntry:
     migrations: MigrationChain  # the service's own chain; the core chain always runs first
     cli: str | None = None  # "module:attribute", a typer app mounted as ``keel <name> …``
     bench: str | None = None  # "module:attribute", a ServiceBench for ``keel bench <name>``
+    prove: str | None = None  # "module:attribute", a typer command run as ``keel prove <name>``
 
     def settings_class(self) -> type[ServiceSettings]:
         cls: type[ServiceSettings] = load(self.settings)
@@ -58,6 +61,9 @@ class ServiceEntry:
 
     def load_bench(self) -> ServiceBench | None:
         return None if self.bench is None else load(self.bench)
+
+    def load_prove(self) -> Callable[..., None] | None:
+        return None if self.prove is None else load(self.prove)
 
 
 @cache

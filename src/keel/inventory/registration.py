@@ -15,4 +15,5 @@ SERVICE = ServiceEntry(
     migrations=MIGRATIONS,
     cli="keel.inventory.cli:app",
     bench="keel.inventory.bench:BENCH",
+    prove="keel.inventory.prove:prove",
 )

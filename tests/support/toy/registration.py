@@ -15,4 +15,5 @@ SERVICE = ServiceEntry(
     migrations=MIGRATIONS,
     cli="tests.support.toy.cli:app",
     bench="tests.support.toy.bench:BENCH",
+    prove="tests.support.toy.prove:prove",
 )
