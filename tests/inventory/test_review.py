@@ -87,14 +87,13 @@ async def _a_limited_purchase_racing(
     return await racing, failed
 
 
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 async def test_cancel_racing_a_limited_purchase_of_the_same_user_does_not_deadlock(
     shop: httpx.AsyncClient, database: Database
 ) -> None:
     """A purchase (or a reserve) locks the user's holdings row, then the item's; a cancel locks
     the item's, then the holdings row (service.cancel: give_back before drop_holding). The cycle
     costs PostgreSQL's deadlock_timeout (1 s) and then one side: here the cancel, 503."""
-    if database.is_sqlite:
-        pytest.skip("SQLite runs one writer at a time: no lock cycle")
     item = await new_item(shop, 10, max_per_user=5)
     order = (await shop.post("/purchase", json={"item_id": item["id"], "user_id": "u"})).json()
     reply, batch_failed = await _a_limited_purchase_racing(
@@ -106,13 +105,12 @@ async def test_cancel_racing_a_limited_purchase_of_the_same_user_does_not_deadlo
     assert (reply.status_code, batch_failed) == (200, None), reply.text
 
 
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 async def test_release_racing_a_limited_purchase_of_the_same_user_does_not_deadlock(
     shop: httpx.AsyncClient, database: Database
 ) -> None:
     """service.release: give_back (item row) before drop_holding (holdings row); the sweeper
     (expire_due) locks them the other way round, like purchases and reserves."""
-    if database.is_sqlite:
-        pytest.skip("SQLite runs one writer at a time: no lock cycle")
     item = await new_item(shop, 10, max_per_user=5)
     hold = (await shop.post("/reservations", json={"item_id": item["id"], "user_id": "u"})).json()
     reply, batch_failed = await _a_limited_purchase_racing(
@@ -124,6 +122,7 @@ async def test_release_racing_a_limited_purchase_of_the_same_user_does_not_deadl
     assert (reply.status_code, batch_failed) == (204, None), reply.text
 
 
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 async def test_two_purchase_batches_never_lock_in_a_cycle(
     shop: httpx.AsyncClient, database: Database
 ) -> None:
@@ -131,8 +130,6 @@ async def test_two_purchase_batches_never_lock_in_a_cycle(
     _reserve_limits upserts holdings rows in arrival order first: two processes' batches of the
     same buyer's two limited items, arrived in opposite orders, deadlock (each batch, up to 512
     purchases, stalls 1 s; four in a row and the whole batch is answered 503)."""
-    if database.is_sqlite:
-        pytest.skip("SQLite runs one writer at a time: no lock cycle")
     first = await new_item(shop, 10, max_per_user=5)
     second = await new_item(shop, 10, max_per_user=5)
     for item in (first, second):  # the buyer's holdings rows exist
@@ -353,6 +350,7 @@ async def _live_problems(
     return problems
 
 
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 async def test_the_sweep_costs_a_few_statements_however_many_holds_expire(
     database_url: str,
 ) -> None:
@@ -362,9 +360,6 @@ async def test_the_sweep_costs_a_few_statements_however_many_holds_expire(
     sweeper picks the same oldest 1,000 and waits on the first one's row locks)."""
     engine = create_engine(database_url)
     database = Database(engine)
-    if database.is_sqlite:  # its writes run on a direct connection the engine's events miss
-        await database.dispose()
-        pytest.skip("statements counted through the engine: PostgreSQL only")
     statements: list[str] = []
     try:
         async with database.write() as conn:
