@@ -75,6 +75,8 @@ if total > 0 then
 end
 return flags
 """
+# The default stream before it carried a hash tag (its depth key hashed to another Cluster slot).
+OLD_DEFAULT_STREAM = "keel:firehose:events"
 # Connections of one process: the writer's blocking read, the committer, /health calls.
 REDIS_CONNECTIONS = 16
 WRITER_RESTART_SECONDS = 1.0
@@ -151,6 +153,7 @@ class RedisBuffer(Buffer):
     async def start(self) -> None:
         """Read Redis's persistence, create the group, start the committer and the writer."""
         await self._read_persistence()
+        await self._warn_of_old_default_stream()
         await ensure_group(self._client, self._keys, self._timeout)
         self._committer.start()
         self._start_writer()
@@ -175,6 +178,23 @@ class RedisBuffer(Buffer):
     def _restart_writer(self) -> None:
         if not self._stopping:
             self._start_writer()
+
+    async def _warn_of_old_default_stream(self) -> None:
+        """Events a keel before the default name changed accepted are still under the old one."""
+        if self._keys.stream == OLD_DEFAULT_STREAM:
+            return
+        left = 0
+        with contextlib.suppress(ResponseError):  # a key of that name that is not a stream
+            async with asyncio.timeout(self._timeout):
+                left = await self._client.xlen(OLD_DEFAULT_STREAM)
+        if left:
+            log.error(
+                "firehose: %d entries wait in the Redis stream %r, the default before this"
+                " version; set KEEL_FIREHOSE_REDIS_STREAM=%s until they are drained",
+                left,
+                OLD_DEFAULT_STREAM,
+                OLD_DEFAULT_STREAM,
+            )
 
     async def _read_persistence(self) -> None:
         config: dict[str, str | None] = {"appendonly": None, "appendfsync": None, "save": None}
