@@ -197,17 +197,21 @@ class RedisBuffer(Buffer):
             )
 
     async def _read_persistence(self) -> None:
-        config: dict[str, str | None] = {"appendonly": None, "appendfsync": None, "save": None}
+        config: dict[str, str | None] = dict.fromkeys(
+            ("appendonly", "appendfsync", "save", "maxmemory-policy")
+        )
         try:
             async with asyncio.timeout(self._timeout):
                 for name in config:
                     config[name] = _text((await self._client.config_get(name))[name])
         except ResponseError as refused:  # managed Redis often disables CONFIG
-            log.info("firehose: Redis refused CONFIG GET (%s); reading INFO persistence", refused)
+            log.info("firehose: Redis refused CONFIG GET (%s); reading INFO", refused)
             with contextlib.suppress(ResponseError):
                 async with asyncio.timeout(self._timeout):
                     info = await self._client.info("persistence")
+                    memory = await self._client.info("memory")
                 config["appendonly"] = "yes" if int(info.get("aof_enabled", 0)) else "no"
+                config["maxmemory-policy"] = _text(memory.get("maxmemory_policy", "")) or None
         self._persistence = config
         self._durability = durability(config["appendonly"], config["appendfsync"], config["save"])
         log.info("firehose: Redis buffer; a 202 survives: %s (%s)", self._durability, config)
@@ -220,6 +224,25 @@ class RedisBuffer(Buffer):
                 " (appendonly yes, appendfsync always or everysec): the Redis at KEEL_REDIS_URL"
                 f" has appendonly no, so a 202 would survive {self._durability!r}"
             )
+        self._check_eviction(config["maxmemory-policy"], production)
+
+    def _check_eviction(self, policy: str | None, production: bool) -> None:
+        """A Redis that may evict keel's keys would drop 202'd events (or the depth counter).
+
+        ``volatile-*`` policies evict only keys with a TTL, and keel's keys have none: under
+        them a full Redis refuses writes as ``noeviction`` does (503, nothing lost).
+        """
+        if policy is None:
+            log.warning("firehose: cannot tell Redis's maxmemory-policy; make it noeviction")
+        elif policy.startswith("allkeys-"):
+            message = (
+                f"the Redis at KEEL_REDIS_URL has maxmemory-policy {policy}: when full it evicts"
+                " keys, and the stream holding accepted events is one; set it to noeviction"
+            )
+            if production:
+                raise RuntimeError(f"KEEL_ENV=production with the Redis buffer: {message}")
+            log.warning("firehose: %s", message)
+            self._durability += f"; not an eviction (maxmemory-policy {policy})"
 
     async def append(self, rows: Sequence[EventRow]) -> None:
         await self._committer.submit(rows)
