@@ -37,7 +37,7 @@ from keel.core.database import Database
 from keel.core.errors import OutcomeUnknown
 from keel.firehose import errors
 from keel.firehose.buffers.base import Buffer, BufferHealth, StoreStatus
-from keel.firehose.buffers.redis_writer import StreamKeys, StreamWriter, ensure_group
+from keel.firehose.buffers.redis_writer import RedisReach, StreamKeys, StreamWriter, ensure_group
 from keel.firehose.events import EventRow
 from keel.firehose.settings import FirehoseSettings
 
@@ -143,7 +143,8 @@ class RedisBuffer(Buffer):
             unavailable=errors.BufferUnavailable,
         )
         self._status = StoreStatus()
-        self._writer = StreamWriter(self._client, database, settings, self._status)
+        self._reach = RedisReach()
+        self._writer = StreamWriter(self._client, database, settings, self._status, self._reach)
         self._writer_task: asyncio.Task[None] | None = None
         self._persistence: dict[str, str | None] = {}
         self._durability = "unknown: not started"
@@ -273,6 +274,7 @@ class RedisBuffer(Buffer):
             async with asyncio.timeout(self._timeout):
                 conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
         except (RedisError, OSError, TimeoutError) as exc:
+            self._reach.failed()
             raise errors.BufferUnavailable(
                 f"Redis cannot be reached ({type(exc).__name__}); nothing was written; retry.",
                 headers={"Retry-After": "1"},
@@ -287,15 +289,18 @@ class RedisBuffer(Buffer):
                     await conn.send_command("EVAL", COMMIT_LUA, 2, *keys, *args)
                     reply = await conn.read_response()
         except ResponseError as exc:  # refused before running (OOM, READONLY replica, ...)
+            self._reach.failed()
             raise errors.BufferUnavailable(
                 f"Redis refused the write ({str(exc)[:200]}); retry.", headers={"Retry-After": "1"}
             ) from exc
         except (RedisError, OSError, TimeoutError) as exc:
+            self._reach.failed()
             await conn.disconnect()
             log.warning("firehose: Redis commit outcome unknown: %r", exc)
             raise OutcomeUnknown() from exc
         finally:
             await self._pool.release(conn)
+        self._reach.answered()
         return [int(flag) for flag in reply]
 
     async def stop(self) -> None:
@@ -362,4 +367,7 @@ class RedisBuffer(Buffer):
     def unready(self) -> str | None:
         if self._writer_task is not None and self._writer_task.done():
             return "firehose-redis: the writer stopped"
+        since = self._reach.failing_since
+        if since is not None:
+            return f"firehose-redis: Redis failing for {time.monotonic() - since:.1f} s"
         return self._committer.unready()

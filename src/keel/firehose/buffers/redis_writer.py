@@ -84,6 +84,24 @@ class Entry:
     rows: list[EventRow]
 
 
+class RedisReach:
+    """Since when this process's calls to Redis fail: /ready says not ready meanwhile.
+
+    Set by a failed commit or writer call, cleared by the next one Redis answers; the writer
+    calls Redis every ``flush_age_ms`` even without traffic, so the flag clears by itself.
+    """
+
+    def __init__(self) -> None:
+        self.failing_since: float | None = None
+
+    def failed(self) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+
+    def answered(self) -> None:
+        self.failing_since = None
+
+
 def consumer_name() -> str:
     """Unique per process and start: a restarted writer never inherits a dead one's entries."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -108,8 +126,10 @@ class StreamWriter:
         database: Database,
         settings: FirehoseSettings,
         status: StoreStatus,
+        reach: RedisReach | None = None,
     ) -> None:
         self.consumer = consumer_name()
+        self.reach = reach or RedisReach()
         self._client = client
         self._database = database
         self._settings = settings
@@ -306,8 +326,17 @@ class StreamWriter:
 
     async def _call(self, call: Awaitable[T], extra: float = 0.0) -> T:
         """A Redis call bounded by ``redis_timeout_seconds`` (past its own block, if it blocks)."""
-        async with asyncio.timeout(self._timeout + extra):
-            return await call
+        try:
+            async with asyncio.timeout(self._timeout + extra):
+                result = await call
+        except ResponseError:
+            self.reach.answered()  # refused, but it answered (NOGROUP after a restart, ...)
+            raise
+        except (RedisError, OSError, TimeoutError):
+            self.reach.failed()
+            raise
+        self.reach.answered()
+        return result
 
     async def _pause(self, seconds: float) -> None:
         """Wait ``seconds``, or less if asked to stop."""
