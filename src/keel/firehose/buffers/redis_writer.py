@@ -58,6 +58,40 @@ local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
 if #pending == 0 then return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
 return -1
 """
+# Take entries for this consumer until they hold ARGV[3] events (or ARGV[4] entries): one entry
+# at a time, counting each one's ``n``, so a read holds about what the writer asked for however
+# big the entries are (a count of entries alone could bring count x max_batch_events). KEYS:
+# stream. ARGV: group, consumer, events, entries, then "new" (XREADGROUP >) or min idle ms and a
+# cursor (XAUTOCLAIM). Returns {cursor, entries}.
+TAKE_LUA = """
+local wanted, most = tonumber(ARGV[3]), tonumber(ARGV[4])
+local claim, cursor = ARGV[5] ~= 'new', ARGV[6] or '0-0'
+local got, events, tries = {}, 0, 0
+while #got < most and events < wanted and tries < most do
+  tries = tries + 1
+  local batch
+  if claim then
+    local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[5], cursor, 'COUNT', 1)
+    cursor, batch = reply[1], reply[2]
+  else
+    local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1,
+      'STREAMS', KEYS[1], '>')
+    batch = reply and reply[1][2] or {}
+  end
+  for _, entry in ipairs(batch) do
+    got[#got + 1] = entry
+    local fields, n = entry[2], 1
+    if type(fields) == 'table' then
+      for i = 1, #fields, 2 do
+        if fields[i] == 'n' then n = tonumber(fields[i + 1]) or 1 end
+      end
+    end
+    events = events + n
+  end
+  if (claim and cursor == '0-0') or (not claim and #batch == 0) then break end
+end
+return {cursor, got}
+"""
 MAX_ENTRIES_PER_READ = 1_000
 STORE_RETRY_MAX_SECONDS = 5.0
 
@@ -102,6 +136,17 @@ class RedisReach:
         self.failing_since = None
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _fields(flat: Any) -> dict[bytes, Any] | None:
+    """A script's flat field list as XREADGROUP's reply has it (None: a deleted entry)."""
+    if not isinstance(flat, list):
+        return None
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 def consumer_name() -> str:
     """Unique per process and start: a restarted writer never inherits a dead one's entries."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -138,10 +183,10 @@ class StreamWriter:
         self._timeout = settings.redis_timeout_seconds
         self._ack = client.register_script(ACK_LUA)
         self._reap = client.register_script(REAP_LUA)
+        self._take_lua = client.register_script(TAKE_LUA)
         self._decode = msgspec.msgpack.Decoder(list[EventRow]).decode
         self._held: list[Entry] = []  # read and not yet acknowledged
         self._stored = False  # the held entries are in the store; only the ack is missing
-        self._events_per_entry = 64.0  # a first guess, then a running average
         self._claim_every = min(max(settings.claim_idle_seconds / 2, 0.1), 5.0)
         self._next_claim = 0.0
         self._claim_cursor = "0-0"
@@ -201,22 +246,23 @@ class StreamWriter:
             if await self._read(self._settings.flush_size - events, block) and first_read is None:
                 first_read = time.monotonic()
 
-    def _entries_for(self, events: int) -> int:
-        return max(1, min(MAX_ENTRIES_PER_READ, round(events / self._events_per_entry)))
-
     async def _read(self, events_wanted: int, block: float) -> int:
-        """One XREADGROUP of new entries, cut short by stop(); returns how many came.
+        """Take new entries holding about ``events_wanted`` events; if none are there, wait
+        ``block`` for one (cut short by stop()); returns how many came.
 
-        A read cut short may have moved entries onto this consumer's pending list with the reply
-        lost: they are taken over after ``claim_idle_seconds`` like any stalled writer's.
+        A read cut short may have moved an entry onto this consumer's pending list with the reply
+        lost: it is taken over after ``claim_idle_seconds`` like any stalled writer's.
         """
+        taken = await self._take_script(events_wanted, "new")
+        if taken:
+            return taken
         read = asyncio.ensure_future(
             self._call(
                 self._client.xreadgroup(
                     self._keys.group,
                     self.consumer,
                     {self._keys.stream: ">"},
-                    count=self._entries_for(events_wanted),
+                    count=1,  # one entry: at most max_batch_events past what was asked
                     block=max(1, int(block * 1000)),
                 ),
                 extra=block,
@@ -237,23 +283,20 @@ class StreamWriter:
             return 0
         return self._take(reply[0][1])
 
+    async def _take_script(self, events_wanted: int, *how: Any) -> int:
+        """Run :data:`TAKE_LUA`; returns how many entries were taken."""
+        args = [self._keys.group, self.consumer, events_wanted, MAX_ENTRIES_PER_READ, *how]
+        reply: Any = await self._call(self._take_lua(keys=[self._keys.stream], args=args))
+        cursor, entries = reply[0], reply[1]
+        if how[0] != "new":
+            self._claim_cursor = _text(cursor)
+        return self._take([(entry[0], _fields(entry[1])) for entry in entries])
+
     async def _claim(self, events_wanted: int) -> None:
         """Take over entries pending on another consumer for over ``claim_idle_seconds``."""
         self._next_claim = time.monotonic() + self._claim_every
         min_idle = int(self._settings.claim_idle_seconds * 1000)
-        reply: Any = await self._call(
-            self._client.xautoclaim(
-                self._keys.stream,
-                self._keys.group,
-                self.consumer,
-                min_idle,
-                start_id=self._claim_cursor,
-                count=self._entries_for(events_wanted),
-            )
-        )
-        cursor, entries = reply[0], reply[1]
-        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
-        taken = self._take(entries)
+        taken = await self._take_script(events_wanted, min_idle, self._claim_cursor)
         if taken:
             log.warning("%s: took over %d entries of a stalled writer", self.consumer, taken)
         if self._claim_cursor == "0-0":  # a full pass over the pending list: tidy consumers
@@ -271,7 +314,6 @@ class StreamWriter:
                 log.error("%s: entry %r is not a keel batch; leaving it", self.consumer, entry_id)
                 continue
             self._held.append(Entry(entry_id, rows))
-            self._events_per_entry = 0.8 * self._events_per_entry + 0.2 * max(1, len(rows))
             taken += 1
         return taken
 
