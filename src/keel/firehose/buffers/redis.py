@@ -327,6 +327,8 @@ class RedisBuffer(Buffer):
             "consumer": self._writer.consumer,
             "persistence": self._persistence,
             "requests_waiting": self._committer.queue_depth,
+            # Entries that did not decode, acknowledged unstored (each logged with its fields).
+            "entries_set_aside": self._writer.set_aside,
         }
         oldest: float | None = None
         try:

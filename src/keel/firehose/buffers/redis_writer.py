@@ -112,10 +112,11 @@ class StreamKeys:
 
 @dataclass(slots=True)
 class Entry:
-    """One stream entry: the events of one group commit."""
+    """One stream entry: the events of one group commit (``n`` of them in the depth counter)."""
 
     id: bytes
     rows: list[EventRow]
+    n: int
 
 
 class RedisReach:
@@ -186,6 +187,7 @@ class StreamWriter:
         self._take_lua = client.register_script(TAKE_LUA)
         self._decode = msgspec.msgpack.Decoder(list[EventRow]).decode
         self._held: list[Entry] = []  # read and not yet acknowledged
+        self.set_aside = 0  # entries that did not decode, acknowledged without being stored
         self._stored = False  # the held entries are in the store; only the ack is missing
         self._claim_every = min(max(settings.claim_idle_seconds / 2, 0.1), 5.0)
         self._next_claim = 0.0
@@ -308,19 +310,39 @@ class StreamWriter:
         for entry_id, fields in entries:
             if fields is None or entry_id in held:  # deleted (never by keel), or ours already
                 continue
-            try:
-                rows = self._decode(fields[b"rows"])
-            except (KeyError, msgspec.DecodeError):
-                log.error("%s: entry %r is not a keel batch; leaving it", self.consumer, entry_id)
-                continue
-            self._held.append(Entry(entry_id, rows))
+            self._held.append(self._entry(entry_id, fields))
             taken += 1
         return taken
 
+    def _entry(self, entry_id: bytes, fields: dict[bytes, Any]) -> Entry:
+        """The entry's events; one that does not decode is held with none, to be acknowledged
+        (and counted out of the depth by its own ``n``) with the rest: left pending, it would
+        be taken over again every claim cycle, for ever, and keep its events in the bound."""
+        try:
+            rows = self._decode(fields[b"rows"])
+        except (KeyError, msgspec.DecodeError) as exc:
+            try:
+                n = int(fields.get(b"n", 0))
+            except ValueError:
+                n = 0
+            self.set_aside += 1
+            log.error(
+                "%s: entry %s of %s is not a keel batch (%s); setting it aside, %d event(s)"
+                " dropped from the buffer; its fields: %r",
+                self.consumer,
+                _text(entry_id),
+                self._keys.stream,
+                exc,
+                n,
+                {_text(k): v[:4096] if isinstance(v, bytes) else v for k, v in fields.items()},
+            )
+            return Entry(entry_id, [], n)
+        return Entry(entry_id, rows, len(rows))
+
     async def _flush(self) -> None:
         """Store what is held (retrying while the store is down), then acknowledge it."""
-        if not self._stored:
-            rows = [row for entry in self._held for row in entry.rows]
+        rows = [row for entry in self._held for row in entry.rows]
+        if not self._stored and rows:
             delay = 0.05
             while True:
                 started = time.monotonic()
@@ -340,7 +362,7 @@ class StreamWriter:
                 break
         args: list[Any] = [self._keys.group]
         for entry in self._held:
-            args += [entry.id, len(entry.rows)]
+            args += [entry.id, entry.n]
         await self._call(self._ack(keys=[self._keys.stream, self._keys.depth], args=args))
         self._held.clear()
         self._stored = False
