@@ -30,10 +30,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from keel.core.database import Database
+from keel.core.errors import sqlstate_of
 from keel.firehose.buffers.base import StoreStatus
 from keel.firehose.events import EventRow
 from keel.firehose.settings import FirehoseSettings
-from keel.firehose.store import store_batch
+from keel.firehose.store import dead_letter, store_batch
 
 log = logging.getLogger("keel.firehose.redis")
 T = TypeVar("T")
@@ -94,6 +95,38 @@ return {cursor, got}
 """
 MAX_ENTRIES_PER_READ = 1_000
 STORE_RETRY_MAX_SECONDS = 5.0
+# SQLSTATE classes of a store that is away or busy, not refusing the rows: connection (08),
+# rollback (40: serialization, deadlock), resources (53), operator intervention (57: shutdown),
+# system (58). Any other SQLSTATE is the store refusing the rows, retried this many times in a
+# row before the refused events are dead-lettered: left, they would block the stream for good.
+PASSING_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")
+REFUSALS_BEFORE_DEAD_LETTERS = 3
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """Whether the store answered with a refusal that retrying the same rows will not change."""
+    state = sqlstate_of(exc)
+    return state is not None and not state.startswith(PASSING_SQLSTATE_CLASSES)
+
+
+async def store_or_dead_letter(database: Database, rows: list[EventRow]) -> int:
+    """Like :func:`store_batch`, but rows refused for good are halved until the refused ones
+    stand alone, and those are dead-lettered with the store's reason; returns how many."""
+    try:
+        return await store_batch(database, rows)
+    except Exception as exc:
+        if not refused_for_good(exc):
+            raise
+        if len(rows) == 1:
+            orig = getattr(exc, "orig", exc)
+            reason = f"{sqlstate_of(exc)}: {str(orig).strip().splitlines()[0][:500]}"
+            log.error("event %s refused by the store: %s", rows[0].event_id, reason)
+            await dead_letter(database, rows[0], reason)
+            return 1
+    half = len(rows) // 2
+    return await store_or_dead_letter(database, rows[:half]) + await store_or_dead_letter(
+        database, rows[half:]
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,13 +376,17 @@ class StreamWriter:
         """Store what is held (retrying while the store is down), then acknowledge it."""
         rows = [row for entry in self._held for row in entry.rows]
         if not self._stored and rows:
-            delay = 0.05
+            delay, refusals = 0.05, 0
             while True:
                 started = time.monotonic()
                 try:
-                    refused = await store_batch(self._database, rows)
+                    if refusals >= REFUSALS_BEFORE_DEAD_LETTERS:
+                        refused = await store_or_dead_letter(self._database, rows)
+                    else:
+                        refused = await store_batch(self._database, rows)
                 except Exception as exc:
                     self._status.failed(exc)
+                    refusals = refusals + 1 if refused_for_good(exc) else 0
                     log.warning("%s: store refused a batch (%r); retrying", self.consumer, exc)
                     if self._stopping.is_set():
                         self._held.clear()  # left pending in Redis, for another writer
