@@ -14,7 +14,8 @@ Never a 202 unless Redis answered that the entry is in.
 
 A 202 is as durable as Redis: at start the buffer reads Redis's persistence settings, logs what a
 202 survives, shows it on ``/health``, and refuses to start with ``KEEL_ENV=production`` when AOF
-is off.
+is off or Redis may evict any key (``maxmemory-policy allkeys-*``). ``/ready`` says not ready while
+Redis fails this process's calls.
 """
 
 from __future__ import annotations

@@ -3,7 +3,11 @@
 It reads entries (each one group commit's events), gathers them until it holds ``flush_size``
 events or the oldest has waited ``flush_age_ms``, stores them with :func:`store_batch`, and only
 then acknowledges them, deleting them from the stream and lowering the depth counter in one
-script, so Redis holds only what the store does not have yet.
+script, so Redis holds only what the store does not have yet. Reads count events, not entries,
+so a writer holds about ``flush_size`` events (at most one entry more) however big entries are.
+
+Nothing blocks the stream for good: an entry that does not decode is logged and acknowledged
+(counted on ``/health``); rows the store refuses for good are dead-lettered after a few tries.
 
 A writer killed between reading and acknowledging leaves its entries pending on its consumer;
 every few seconds each writer takes over (``XAUTOCLAIM``) entries pending for longer than
