@@ -228,7 +228,12 @@ async def test_a_redis_that_refuses_config_is_read_through_info(
     finally:
         await buffer.stop()
     assert health.durability == "a Redis crash (AOF; appendfsync unknown)"
-    assert health.extra["persistence"] == {"appendonly": "yes", "appendfsync": None, "save": None}
+    assert health.extra["persistence"] == {
+        "appendonly": "yes",
+        "appendfsync": None,
+        "save": None,
+        "maxmemory-policy": "noeviction",  # from INFO memory
+    }
 
 
 @pytest.fixture

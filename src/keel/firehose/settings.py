@@ -36,7 +36,9 @@ class FirehoseSettings(ServiceSettings):
     # Events a process holds in memory waiting for their group commit; past it, 503 overloaded
     # (a bound on memory: 4,096 queued requests of 1 MiB each would be 4 GiB).
     ingest_queue_max_events: int = Field(default=50_000, ge=1)
-    redis_stream: str = "keel:firehose:events"
+    # The depth counter is "<stream>:depth", and the scripts touch both keys at once: on Redis
+    # Cluster they must share a hash slot, hence the {hash tag} (keep one in a name of your own).
+    redis_stream: str = "keel:{firehose}:events"
     redis_group: str = "keel-firehose-writers"
     # A Redis entry read by a writer and not acknowledged for this long is taken over by another.
     claim_idle_seconds: float = Field(default=30.0, gt=0)

@@ -14,7 +14,8 @@ Never a 202 unless Redis answered that the entry is in.
 
 A 202 is as durable as Redis: at start the buffer reads Redis's persistence settings, logs what a
 202 survives, shows it on ``/health``, and refuses to start with ``KEEL_ENV=production`` when AOF
-is off.
+is off or Redis may evict any key (``maxmemory-policy allkeys-*``). ``/ready`` says not ready while
+Redis fails this process's calls.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from keel.core.database import Database
 from keel.core.errors import OutcomeUnknown
 from keel.firehose import errors
 from keel.firehose.buffers.base import Buffer, BufferHealth, StoreStatus
-from keel.firehose.buffers.redis_writer import StreamKeys, StreamWriter, ensure_group
+from keel.firehose.buffers.redis_writer import RedisReach, StreamKeys, StreamWriter, ensure_group
 from keel.firehose.events import EventRow
 from keel.firehose.settings import FirehoseSettings
 
@@ -75,6 +76,8 @@ if total > 0 then
 end
 return flags
 """
+# The default stream before it carried a hash tag (its depth key hashed to another Cluster slot).
+OLD_DEFAULT_STREAM = "keel:firehose:events"
 # Connections of one process: the writer's blocking read, the committer, /health calls.
 REDIS_CONNECTIONS = 16
 WRITER_RESTART_SECONDS = 1.0
@@ -141,7 +144,8 @@ class RedisBuffer(Buffer):
             unavailable=errors.BufferUnavailable,
         )
         self._status = StoreStatus()
-        self._writer = StreamWriter(self._client, database, settings, self._status)
+        self._reach = RedisReach()
+        self._writer = StreamWriter(self._client, database, settings, self._status, self._reach)
         self._writer_task: asyncio.Task[None] | None = None
         self._persistence: dict[str, str | None] = {}
         self._durability = "unknown: not started"
@@ -151,6 +155,7 @@ class RedisBuffer(Buffer):
     async def start(self) -> None:
         """Read Redis's persistence, create the group, start the committer and the writer."""
         await self._read_persistence()
+        await self._warn_of_old_default_stream()
         await ensure_group(self._client, self._keys, self._timeout)
         self._committer.start()
         self._start_writer()
@@ -176,18 +181,39 @@ class RedisBuffer(Buffer):
         if not self._stopping:
             self._start_writer()
 
+    async def _warn_of_old_default_stream(self) -> None:
+        """Events a keel before the default name changed accepted are still under the old one."""
+        if self._keys.stream == OLD_DEFAULT_STREAM:
+            return
+        left = 0
+        with contextlib.suppress(ResponseError):  # a key of that name that is not a stream
+            async with asyncio.timeout(self._timeout):
+                left = await self._client.xlen(OLD_DEFAULT_STREAM)
+        if left:
+            log.error(
+                "firehose: %d entries wait in the Redis stream %r, the default before this"
+                " version; set KEEL_FIREHOSE_REDIS_STREAM=%s until they are drained",
+                left,
+                OLD_DEFAULT_STREAM,
+                OLD_DEFAULT_STREAM,
+            )
+
     async def _read_persistence(self) -> None:
-        config: dict[str, str | None] = {"appendonly": None, "appendfsync": None, "save": None}
+        config: dict[str, str | None] = dict.fromkeys(
+            ("appendonly", "appendfsync", "save", "maxmemory-policy")
+        )
         try:
             async with asyncio.timeout(self._timeout):
                 for name in config:
                     config[name] = _text((await self._client.config_get(name))[name])
         except ResponseError as refused:  # managed Redis often disables CONFIG
-            log.info("firehose: Redis refused CONFIG GET (%s); reading INFO persistence", refused)
+            log.info("firehose: Redis refused CONFIG GET (%s); reading INFO", refused)
             with contextlib.suppress(ResponseError):
                 async with asyncio.timeout(self._timeout):
                     info = await self._client.info("persistence")
+                    memory = await self._client.info("memory")
                 config["appendonly"] = "yes" if int(info.get("aof_enabled", 0)) else "no"
+                config["maxmemory-policy"] = _text(memory.get("maxmemory_policy", "")) or None
         self._persistence = config
         self._durability = durability(config["appendonly"], config["appendfsync"], config["save"])
         log.info("firehose: Redis buffer; a 202 survives: %s (%s)", self._durability, config)
@@ -200,6 +226,25 @@ class RedisBuffer(Buffer):
                 " (appendonly yes, appendfsync always or everysec): the Redis at KEEL_REDIS_URL"
                 f" has appendonly no, so a 202 would survive {self._durability!r}"
             )
+        self._check_eviction(config["maxmemory-policy"], production)
+
+    def _check_eviction(self, policy: str | None, production: bool) -> None:
+        """A Redis that may evict keel's keys would drop 202'd events (or the depth counter).
+
+        ``volatile-*`` policies evict only keys with a TTL, and keel's keys have none: under
+        them a full Redis refuses writes as ``noeviction`` does (503, nothing lost).
+        """
+        if policy is None:
+            log.warning("firehose: cannot tell Redis's maxmemory-policy; make it noeviction")
+        elif policy.startswith("allkeys-"):
+            message = (
+                f"the Redis at KEEL_REDIS_URL has maxmemory-policy {policy}: when full it evicts"
+                " keys, and the stream holding accepted events is one; set it to noeviction"
+            )
+            if production:
+                raise RuntimeError(f"KEEL_ENV=production with the Redis buffer: {message}")
+            log.warning("firehose: %s", message)
+            self._durability += f"; not an eviction (maxmemory-policy {policy})"
 
     async def append(self, rows: Sequence[EventRow]) -> None:
         await self._committer.submit(rows)
@@ -230,6 +275,7 @@ class RedisBuffer(Buffer):
             async with asyncio.timeout(self._timeout):
                 conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
         except (RedisError, OSError, TimeoutError) as exc:
+            self._reach.failed()
             raise errors.BufferUnavailable(
                 f"Redis cannot be reached ({type(exc).__name__}); nothing was written; retry.",
                 headers={"Retry-After": "1"},
@@ -244,15 +290,18 @@ class RedisBuffer(Buffer):
                     await conn.send_command("EVAL", COMMIT_LUA, 2, *keys, *args)
                     reply = await conn.read_response()
         except ResponseError as exc:  # refused before running (OOM, READONLY replica, ...)
+            self._reach.failed()
             raise errors.BufferUnavailable(
                 f"Redis refused the write ({str(exc)[:200]}); retry.", headers={"Retry-After": "1"}
             ) from exc
         except (RedisError, OSError, TimeoutError) as exc:
+            self._reach.failed()
             await conn.disconnect()
             log.warning("firehose: Redis commit outcome unknown: %r", exc)
             raise OutcomeUnknown() from exc
         finally:
             await self._pool.release(conn)
+        self._reach.answered()
         return [int(flag) for flag in reply]
 
     async def stop(self) -> None:
@@ -279,6 +328,8 @@ class RedisBuffer(Buffer):
             "consumer": self._writer.consumer,
             "persistence": self._persistence,
             "requests_waiting": self._committer.queue_depth,
+            # Entries that did not decode, acknowledged unstored (each logged with its fields).
+            "entries_set_aside": self._writer.set_aside,
         }
         oldest: float | None = None
         try:
@@ -319,4 +370,7 @@ class RedisBuffer(Buffer):
     def unready(self) -> str | None:
         if self._writer_task is not None and self._writer_task.done():
             return "firehose-redis: the writer stopped"
+        since = self._reach.failing_since
+        if since is not None:
+            return f"firehose-redis: Redis failing for {time.monotonic() - since:.1f} s"
         return self._committer.unready()

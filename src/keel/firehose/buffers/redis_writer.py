@@ -3,7 +3,11 @@
 It reads entries (each one group commit's events), gathers them until it holds ``flush_size``
 events or the oldest has waited ``flush_age_ms``, stores them with :func:`store_batch`, and only
 then acknowledges them, deleting them from the stream and lowering the depth counter in one
-script, so Redis holds only what the store does not have yet.
+script, so Redis holds only what the store does not have yet. Reads count events, not entries,
+so a writer holds about ``flush_size`` events (at most one entry more) however big entries are.
+
+Nothing blocks the stream for good: an entry that does not decode is logged and acknowledged
+(counted on ``/health``); rows the store refuses for good are dead-lettered after a few tries.
 
 A writer killed between reading and acknowledging leaves its entries pending on its consumer;
 every few seconds each writer takes over (``XAUTOCLAIM``) entries pending for longer than
@@ -30,36 +34,50 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from keel.core.database import Database
+from keel.core.errors import sqlstate_of
 from keel.firehose.buffers.base import StoreStatus
+from keel.firehose.buffers.redis_scripts import ACK_LUA, REAP_LUA, TAKE_LUA
 from keel.firehose.events import EventRow
 from keel.firehose.settings import FirehoseSettings
-from keel.firehose.store import store_batch
+from keel.firehose.store import dead_letter, store_batch
 
 log = logging.getLogger("keel.firehose.redis")
 T = TypeVar("T")
 
-# Acknowledge entries the store now holds: XACK, XDEL, and DECRBY of the events of those entries
-# whose XACK took them off the pending list (one another writer already acknowledged counts 0).
-ACK_LUA = """
-local done = 0
-for i = 2, #ARGV, 2 do
-  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
-    redis.call('XDEL', KEYS[1], ARGV[i])
-    done = done + tonumber(ARGV[i + 1])
-  end
-end
-if done > 0 then redis.call('DECRBY', KEYS[2], done) end
-return done
-"""
-# Remove a consumer only if nothing is pending on it: DELCONSUMER drops its pending entries from
-# the group, which would strand them unacknowledged forever.
-REAP_LUA = """
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
-if #pending == 0 then return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
-return -1
-"""
 MAX_ENTRIES_PER_READ = 1_000
 STORE_RETRY_MAX_SECONDS = 5.0
+# SQLSTATE classes of a store that is away or busy, not refusing the rows: connection (08),
+# rollback (40: serialization, deadlock), resources (53), operator intervention (57: shutdown),
+# system (58). Any other SQLSTATE is the store refusing the rows, retried this many times in a
+# row before the refused events are dead-lettered: left, they would block the stream for good.
+PASSING_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")
+REFUSALS_BEFORE_DEAD_LETTERS = 3
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """Whether the store answered with a refusal that retrying the same rows will not change."""
+    state = sqlstate_of(exc)
+    return state is not None and not state.startswith(PASSING_SQLSTATE_CLASSES)
+
+
+async def store_or_dead_letter(database: Database, rows: list[EventRow]) -> int:
+    """Like :func:`store_batch`, but rows refused for good are halved until the refused ones
+    stand alone, and those are dead-lettered with the store's reason; returns how many."""
+    try:
+        return await store_batch(database, rows)
+    except Exception as exc:
+        if not refused_for_good(exc):
+            raise
+        if len(rows) == 1:
+            orig = getattr(exc, "orig", exc)
+            reason = f"{sqlstate_of(exc)}: {str(orig).strip().splitlines()[0][:500]}"
+            log.error("event %s refused by the store: %s", rows[0].event_id, reason)
+            await dead_letter(database, rows[0], reason)
+            return 1
+    half = len(rows) // 2
+    return await store_or_dead_letter(database, rows[:half]) + await store_or_dead_letter(
+        database, rows[half:]
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +96,40 @@ class StreamKeys:
 
 @dataclass(slots=True)
 class Entry:
-    """One stream entry: the events of one group commit."""
+    """One stream entry: the events of one group commit (``n`` of them in the depth counter)."""
 
     id: bytes
     rows: list[EventRow]
+    n: int
+
+
+class RedisReach:
+    """Since when this process's calls to Redis fail: /ready says not ready meanwhile.
+
+    Set by a failed commit or writer call, cleared by the next one Redis answers; the writer
+    calls Redis every ``flush_age_ms`` even without traffic, so the flag clears by itself.
+    """
+
+    def __init__(self) -> None:
+        self.failing_since: float | None = None
+
+    def failed(self) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+
+    def answered(self) -> None:
+        self.failing_since = None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _fields(flat: Any) -> dict[bytes, Any] | None:
+    """A script's flat field list as XREADGROUP's reply has it (None: a deleted entry)."""
+    if not isinstance(flat, list):
+        return None
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def consumer_name() -> str:
@@ -108,8 +156,10 @@ class StreamWriter:
         database: Database,
         settings: FirehoseSettings,
         status: StoreStatus,
+        reach: RedisReach | None = None,
     ) -> None:
         self.consumer = consumer_name()
+        self.reach = reach or RedisReach()
         self._client = client
         self._database = database
         self._settings = settings
@@ -118,10 +168,11 @@ class StreamWriter:
         self._timeout = settings.redis_timeout_seconds
         self._ack = client.register_script(ACK_LUA)
         self._reap = client.register_script(REAP_LUA)
+        self._take_lua = client.register_script(TAKE_LUA)
         self._decode = msgspec.msgpack.Decoder(list[EventRow]).decode
         self._held: list[Entry] = []  # read and not yet acknowledged
+        self.set_aside = 0  # entries that did not decode, acknowledged without being stored
         self._stored = False  # the held entries are in the store; only the ack is missing
-        self._events_per_entry = 64.0  # a first guess, then a running average
         self._claim_every = min(max(settings.claim_idle_seconds / 2, 0.1), 5.0)
         self._next_claim = 0.0
         self._claim_cursor = "0-0"
@@ -181,22 +232,23 @@ class StreamWriter:
             if await self._read(self._settings.flush_size - events, block) and first_read is None:
                 first_read = time.monotonic()
 
-    def _entries_for(self, events: int) -> int:
-        return max(1, min(MAX_ENTRIES_PER_READ, round(events / self._events_per_entry)))
-
     async def _read(self, events_wanted: int, block: float) -> int:
-        """One XREADGROUP of new entries, cut short by stop(); returns how many came.
+        """Take new entries holding about ``events_wanted`` events; if none are there, wait
+        ``block`` for one (cut short by stop()); returns how many came.
 
-        A read cut short may have moved entries onto this consumer's pending list with the reply
-        lost: they are taken over after ``claim_idle_seconds`` like any stalled writer's.
+        A read cut short may have moved an entry onto this consumer's pending list with the reply
+        lost: it is taken over after ``claim_idle_seconds`` like any stalled writer's.
         """
+        taken = await self._take_script(events_wanted, "new")
+        if taken:
+            return taken
         read = asyncio.ensure_future(
             self._call(
                 self._client.xreadgroup(
                     self._keys.group,
                     self.consumer,
                     {self._keys.stream: ">"},
-                    count=self._entries_for(events_wanted),
+                    count=1,  # one entry: at most max_batch_events past what was asked
                     block=max(1, int(block * 1000)),
                 ),
                 extra=block,
@@ -217,23 +269,20 @@ class StreamWriter:
             return 0
         return self._take(reply[0][1])
 
+    async def _take_script(self, events_wanted: int, *how: Any) -> int:
+        """Run :data:`TAKE_LUA`; returns how many entries were taken."""
+        args = [self._keys.group, self.consumer, events_wanted, MAX_ENTRIES_PER_READ, *how]
+        reply: Any = await self._call(self._take_lua(keys=[self._keys.stream], args=args))
+        cursor, entries = reply[0], reply[1]
+        if how[0] != "new":
+            self._claim_cursor = _text(cursor)
+        return self._take([(entry[0], _fields(entry[1])) for entry in entries])
+
     async def _claim(self, events_wanted: int) -> None:
         """Take over entries pending on another consumer for over ``claim_idle_seconds``."""
         self._next_claim = time.monotonic() + self._claim_every
         min_idle = int(self._settings.claim_idle_seconds * 1000)
-        reply: Any = await self._call(
-            self._client.xautoclaim(
-                self._keys.stream,
-                self._keys.group,
-                self.consumer,
-                min_idle,
-                start_id=self._claim_cursor,
-                count=self._entries_for(events_wanted),
-            )
-        )
-        cursor, entries = reply[0], reply[1]
-        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
-        taken = self._take(entries)
+        taken = await self._take_script(events_wanted, min_idle, self._claim_cursor)
         if taken:
             log.warning("%s: took over %d entries of a stalled writer", self.consumer, taken)
         if self._claim_cursor == "0-0":  # a full pass over the pending list: tidy consumers
@@ -245,27 +294,50 @@ class StreamWriter:
         for entry_id, fields in entries:
             if fields is None or entry_id in held:  # deleted (never by keel), or ours already
                 continue
-            try:
-                rows = self._decode(fields[b"rows"])
-            except (KeyError, msgspec.DecodeError):
-                log.error("%s: entry %r is not a keel batch; leaving it", self.consumer, entry_id)
-                continue
-            self._held.append(Entry(entry_id, rows))
-            self._events_per_entry = 0.8 * self._events_per_entry + 0.2 * max(1, len(rows))
+            self._held.append(self._entry(entry_id, fields))
             taken += 1
         return taken
 
+    def _entry(self, entry_id: bytes, fields: dict[bytes, Any]) -> Entry:
+        """The entry's events; one that does not decode is held with none, to be acknowledged
+        (and counted out of the depth by its own ``n``) with the rest: left pending, it would
+        be taken over again every claim cycle, for ever, and keep its events in the bound."""
+        try:
+            rows = self._decode(fields[b"rows"])
+        except (KeyError, msgspec.DecodeError) as exc:
+            try:
+                n = int(fields.get(b"n", 0))
+            except ValueError:
+                n = 0
+            self.set_aside += 1
+            log.error(
+                "%s: entry %s of %s is not a keel batch (%s); setting it aside, %d event(s)"
+                " dropped from the buffer; its fields: %r",
+                self.consumer,
+                _text(entry_id),
+                self._keys.stream,
+                exc,
+                n,
+                {_text(k): v[:4096] if isinstance(v, bytes) else v for k, v in fields.items()},
+            )
+            return Entry(entry_id, [], n)
+        return Entry(entry_id, rows, len(rows))
+
     async def _flush(self) -> None:
         """Store what is held (retrying while the store is down), then acknowledge it."""
-        if not self._stored:
-            rows = [row for entry in self._held for row in entry.rows]
-            delay = 0.05
+        rows = [row for entry in self._held for row in entry.rows]
+        if not self._stored and rows:
+            delay, refusals = 0.05, 0
             while True:
                 started = time.monotonic()
                 try:
-                    refused = await store_batch(self._database, rows)
+                    if refusals >= REFUSALS_BEFORE_DEAD_LETTERS:
+                        refused = await store_or_dead_letter(self._database, rows)
+                    else:
+                        refused = await store_batch(self._database, rows)
                 except Exception as exc:
                     self._status.failed(exc)
+                    refusals = refusals + 1 if refused_for_good(exc) else 0
                     log.warning("%s: store refused a batch (%r); retrying", self.consumer, exc)
                     if self._stopping.is_set():
                         self._held.clear()  # left pending in Redis, for another writer
@@ -278,7 +350,7 @@ class StreamWriter:
                 break
         args: list[Any] = [self._keys.group]
         for entry in self._held:
-            args += [entry.id, len(entry.rows)]
+            args += [entry.id, entry.n]
         await self._call(self._ack(keys=[self._keys.stream, self._keys.depth], args=args))
         self._held.clear()
         self._stored = False
@@ -306,8 +378,17 @@ class StreamWriter:
 
     async def _call(self, call: Awaitable[T], extra: float = 0.0) -> T:
         """A Redis call bounded by ``redis_timeout_seconds`` (past its own block, if it blocks)."""
-        async with asyncio.timeout(self._timeout + extra):
-            return await call
+        try:
+            async with asyncio.timeout(self._timeout + extra):
+                result = await call
+        except ResponseError:
+            self.reach.answered()  # refused, but it answered (NOGROUP after a restart, ...)
+            raise
+        except (RedisError, OSError, TimeoutError):
+            self.reach.failed()
+            raise
+        self.reach.answered()
+        return result
 
     async def _pause(self, seconds: float) -> None:
         """Wait ``seconds``, or less if asked to stop."""
