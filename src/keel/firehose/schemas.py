@@ -20,6 +20,7 @@ RFC3339 = {
     r"([Zz]|[+-][0-9]{2}:[0-9]{2})$",
 }
 TIME = {"anyOf": [EPOCH_SECONDS, RFC3339]}
+NULL = {"type": "null"}
 
 
 EVENT_SCHEMA: dict[str, Any] = {
@@ -27,10 +28,10 @@ EVENT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["user_id", "timestamp"],
     "additionalProperties": True,  # unknown fields are ignored, as collectors do
+    # An optional field may be absent or null: null means absent, as the decoder reads it.
     "properties": {
         "event_id": {
-            "type": "string",
-            "format": "uuid",
+            "anyOf": [{"type": "string", "format": "uuid"}, NULL],
             "description": "Deduplication key: an event is stored once per id. Generated "
             "(UUIDv7) if absent; a client that retries must send the same id each time.",
         },
@@ -40,14 +41,19 @@ EVENT_SCHEMA: dict[str, Any] = {
                 {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
             ]
         },
-        "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": NO_NUL},
+        "name": {
+            "anyOf": [{"type": "string", "minLength": 1, "maxLength": 200, "pattern": NO_NUL}, NULL]
+        },
         "timestamp": {**TIME, "description": "When it happened: epoch seconds or RFC 3339."},
         "sent_at": {
-            **TIME,
+            "anyOf": [*TIME["anyOf"], NULL],
             "description": "When the client sent it, by its own clock: the timestamp is then "
             "corrected by the difference to the server's clock (both are kept).",
         },
-        "metadata": {"type": "object", "description": "Any JSON object up to 32 KiB encoded."},
+        "metadata": {
+            "anyOf": [{"type": "object"}, NULL],
+            "description": "Any JSON object up to 32 KiB encoded.",
+        },
     },
 }
 
