@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.datastructures import Headers
 from starlette.responses import Response
 
+from keel.core.batching import GroupCommitter
 from keel.core.database import Database
 from keel.core.errors import (
     IdempotencyKeyInUse,
@@ -412,3 +413,21 @@ class Idempotency:
             body = (await create(conn)).model_dump_json()
             await conn.run_sync(self.store.complete, req, status, body)
         return Response(body, status_code=status, media_type="application/json")
+
+    async def submit(
+        self, committer: GroupCommitter[Any, Any], item: Any, req: IdempotentRequest | None
+    ) -> Response:
+        """Hand ``item`` to a group committer, guarded by ``req`` if the client sent a key.
+
+        Concurrent copies of one key in this process wait for the first (and replay it); the
+        committer's batch claims the key in the database, which covers every other process.
+        The result is a model (answered 201) or the stored response to replay.
+        """
+        if req is None:
+            result = await committer.submit(item)
+        else:
+            async with self.inflight.hold(req):
+                result = await committer.submit(item)
+        if isinstance(result, StoredResponse):
+            return result.to_response()
+        return Response(result.model_dump_json(), status_code=201, media_type="application/json")

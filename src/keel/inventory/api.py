@@ -203,14 +203,7 @@ async def purchase(
     )
     committer: PurchaseCommitter = plat.services["purchases"]
     buying = Purchase(body.item_id, user_key(body.user_id), body.quantity, idem)
-    if idem is None:
-        result = await committer.submit(buying)
-    else:
-        async with plat.idempotency.inflight.hold(idem):
-            result = await committer.submit(buying)
-    if isinstance(result, StoredResponse):
-        return result.to_response()
-    return _json(result.model_dump_json(), 201)
+    return await plat.idempotency.submit(committer, buying, idem)
 
 
 @router.post(

@@ -50,15 +50,7 @@ def json_response(body: str, status: int = 200) -> Response:
 async def submit_posting(plat: Platform, posting: Posting) -> Response:
     """Submit a posting through the group committer, honouring its idempotency key."""
     postings: PostingCommitter = plat.services["postings"]
-    idem = posting.idempotency
-    if idem is None:
-        result = await postings.submit(posting)
-    else:
-        async with plat.idempotency.inflight.hold(idem):
-            result = await postings.submit(posting)
-    if isinstance(result, StoredResponse):
-        return result.to_response()
-    return json_response(result.model_dump_json(), 201)
+    return await plat.idempotency.submit(postings, posting, posting.idempotency)
 
 
 @router.post(
