@@ -152,3 +152,15 @@ async def test_a_listing_refuses_a_query_parameter_it_does_not_declare(
     assert reply.status_code == 422
     assert reply.json()["errors"] == [{"loc": ["query", "query"], "msg": "Unknown query parameter"}]
     assert (await client.get("/search", params={"q": "ali"})).status_code == 200
+
+
+async def test_a_listing_refuses_a_single_valued_parameter_given_twice(
+    client: httpx.AsyncClient,
+) -> None:
+    """``?limit=5&limit=500`` must not quietly take one of them: which one is the client's guess."""
+    reply = await client.get("/search", params=[("q", "ali"), ("limit", "5"), ("limit", "500")])
+    assert reply.status_code == 422
+    assert reply.json()["errors"] == [
+        {"loc": ["query", "limit"], "msg": "Query parameter given more than once"}
+    ]
+    assert (await client.get("/search", params=[("q", "ali"), ("limit", "5")])).status_code == 200
