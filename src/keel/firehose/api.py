@@ -158,6 +158,12 @@ Until = Annotated[datetime | None, Query(description="Events before this time (R
     "/events",
     response_model=Page[StoredEvent],
     summary="Stored events, newest first",
+    description=(
+        "Filtered by `user_id` or `name`, a page looks through the next 100,000 stored events"
+        " only (no index serves those filters: each would slow ingest more than it helps): it"
+        " may hold fewer than `limit` events, or none, and still have a `next_cursor`. Follow"
+        " `next_cursor` until it is null to see every match, each once."
+    ),
     responses=problem_responses(errors.InvalidCursor, errors.InvalidRequest),
 )
 async def list_events(

@@ -28,6 +28,11 @@ from keel.firehose.schemas import (
 from keel.firehose.store import row_from_json
 from keel.firehose.tables import dead_letters, events
 
+# A page filtered by user or name reads at most this many of the newest events (by seq, the
+# primary key): no index serves those filters (each would cost ingest more than it saves), so
+# without a bound one query for a rare user would read the whole table. About 20 ms on SQLite.
+SCAN_ROWS = 100_000
+
 
 @dataclass(frozen=True)
 class EventQuery:
@@ -37,6 +42,7 @@ class EventQuery:
     until_us: int | None
     before_seq: int | None
     limit: int
+    scan_rows: int = SCAN_ROWS
 
 
 def epoch_us(moment: datetime | None) -> int | None:
@@ -74,7 +80,13 @@ def _stored(row: Any) -> StoredEvent:
 
 
 async def list_events(conn: AsyncConnection, query: EventQuery) -> Page[StoredEvent]:
-    """Newest first (arrival order), filtered; one page past ``before_seq``."""
+    """Newest first (arrival order), filtered; one page past ``before_seq``.
+
+    A filter on ``user_id`` or ``name`` looks through one window of ``scan_rows`` events below
+    ``before_seq``: a page may then hold fewer than ``limit`` events, or none, and still have a
+    ``next_cursor``, which continues below the window. Following cursors to the end finds every
+    match exactly once; no page costs more than one window.
+    """
     # metadata as its text: SQLAlchemy's JSONB reader (json.loads) refuses integers ingest took
     columns = [c for c in events.c if c.key != "metadata"]
     statement = select(*columns, cast(events.c.metadata, Text).label("metadata"))
@@ -88,12 +100,31 @@ async def list_events(conn: AsyncConnection, query: EventQuery) -> Page[StoredEv
         statement = statement.where(events.c.timestamp_us < query.until_us)
     if query.before_seq is not None:
         statement = statement.where(events.c.seq < query.before_seq)
+    floor: int | None = None  # the window's lowest seq, when a filter bounds the scan
+    lowest = 0
+    if query.user_id is not None or query.name is not None:
+        lowest, highest = (await conn.execute(_SEQ_RANGE)).one()
+        if highest is None:
+            return Page(items=[], next_cursor=None)
+        top = highest + 1 if query.before_seq is None else min(query.before_seq, highest + 1)
+        floor = max(top - query.scan_rows, lowest)
+        statement = statement.where(events.c.seq >= floor)
     rows = (
         await conn.execute(statement.order_by(events.c.seq.desc()).limit(query.limit + 1))
     ).all()
     items = [_stored(row) for row in rows[: query.limit]]
-    more = len(rows) > query.limit
-    return Page(items=items, next_cursor=encode_cursor(items[-1].seq) if more else None)
+    if len(rows) > query.limit:
+        return Page(items=items, next_cursor=encode_cursor(items[-1].seq))
+    if floor is not None and floor > lowest:
+        return Page(items=items, next_cursor=encode_cursor(floor))  # below the window
+    return Page(items=items, next_cursor=None)
+
+
+# Two subqueries, not min() and max() in one: SQLite answers each from the primary key alone.
+_SEQ_RANGE = select(
+    select(func.min(events.c.seq)).scalar_subquery(),
+    select(func.max(events.c.seq)).scalar_subquery(),
+)
 
 
 async def stats(conn: AsyncConnection, window_seconds: int) -> Stats:
