@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Engine
 
 from keel.core.migrate import upgrade
 from keel.ledger.registration import MIGRATIONS
@@ -164,3 +168,23 @@ async def test_a_listing_refuses_a_single_valued_parameter_given_twice(
         {"loc": ["query", "limit"], "msg": "Query parameter given more than once"}
     ]
     assert (await client.get("/search", params=[("q", "ali"), ("limit", "5")])).status_code == 200
+
+
+async def test_a_burst_of_readiness_probes_checks_the_database_once(
+    client: httpx.AsyncClient,
+) -> None:
+    """1,000 load-balancer probes at once once answered 503 on PostgreSQL: each queued its own
+    migration check on the pool. Probes that arrive while a check runs share its answer."""
+    checks = 0
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        nonlocal checks
+        checks += "alembic_version" in statement
+
+    sa_event.listen(Engine, "before_cursor_execute", count)
+    try:
+        replies = await asyncio.gather(*(client.get("/ready") for _ in range(300)))
+    finally:
+        sa_event.remove(Engine, "before_cursor_execute", count)
+    assert [r.status_code for r in replies] == [200] * 300
+    assert 0 < checks <= 4 * 5, checks  # a few checks (one per chain each), not 300

@@ -97,6 +97,17 @@ def _system_router(spec: ServiceSpec) -> APIRouter:
                 body["probe_error"] = type(exc).__name__
         return JSONResponse(body)
 
+    checking: asyncio.Future[list[str]] | None = None
+
+    async def pending_now(plat: Platform) -> list[str]:
+        """One migration check at a time: probes that arrive while one runs share its answer, so
+        a burst of 1,000 ``/ready`` calls is one query, not 1,000 queued on the pool."""
+        nonlocal checking
+        if checking is None or checking.done():
+            own = [spec.migrations] if spec.migrations is not None else []
+            checking = asyncio.ensure_future(pending_migrations(plat.database, own))
+        return await asyncio.shield(checking)
+
     @router.get(
         "/ready",
         summary="503 until the database is reachable and migrated",
@@ -105,8 +116,7 @@ def _system_router(spec: ServiceSpec) -> APIRouter:
     async def ready(plat: PlatformDep) -> Response:
         body = {"status": "ready"}
         try:
-            own = [spec.migrations] if spec.migrations is not None else []
-            pending = await pending_migrations(plat.database, own)
+            pending = await pending_now(plat)
         except Exception as exc:
             if not (plat.buffers_database_outages and plat.migrations_verified):
                 return _not_ready(f"database unreachable: {type(exc).__name__}")
