@@ -348,3 +348,35 @@ async def test_spool_file_is_readable_only_by_its_owner(
         assert all(mode == oct(0o600) for mode in modes.values()), modes
     finally:
         await buffer.stop()
+
+
+@on_sqlite
+async def test_health_says_a_failover_may_lose_the_last_202s(
+    database: Database, database_url: str, tmp_path: Path
+) -> None:
+    """Redis replicates asynchronously: with a replica attached, /health's durability must not
+    promise more than the primary's own disk keeps."""
+    (tmp_path / "primary").mkdir()
+    (tmp_path / "replica").mkdir()
+    primary = PrivateRedis(tmp_path / "primary", appendonly=True)
+    primary.start()
+    replica = PrivateRedis(tmp_path / "replica", replica_of=primary)
+    replica.start()
+    admin = aioredis.from_url(primary.url)
+    try:
+
+        async def replicas() -> int:
+            return int((await admin.info("replication"))["connected_slaves"])
+
+        await until(replicas, 10, "the replica to attach")
+        buffer = RedisBuffer(database, redis_settings(database_url, primary.url, unique_stream()))
+        await buffer.start()
+        try:
+            durability = (await buffer.health()).durability
+        finally:
+            await buffer.stop()
+        assert durability.startswith("a Redis crash") and "failover" in durability, durability
+    finally:
+        await admin.aclose()
+        replica.stop()
+        primary.stop()

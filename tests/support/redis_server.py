@@ -22,9 +22,12 @@ from tests.support.live_server import free_port, wait_until
 class PrivateRedis:
     """One redis-server process on ``port``, restartable on the same port."""
 
-    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, appendonly: bool = False, replica_of: PrivateRedis | None = None
+    ) -> None:
         self.directory = directory
         self.appendonly = appendonly
+        self.replica_of = replica_of
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen[bytes] | None = None
@@ -47,6 +50,11 @@ class PrivateRedis:
                 ),
                 "--dir",
                 str(self.directory),
+                *(
+                    ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
+                    if self.replica_of
+                    else []
+                ),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

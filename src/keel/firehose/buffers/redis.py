@@ -227,6 +227,20 @@ class RedisBuffer(Buffer):
                 f" has appendonly no, so a 202 would survive {self._durability!r}"
             )
         self._check_eviction(config["maxmemory-policy"], production)
+        await self._check_replication()
+
+    async def _check_replication(self) -> None:
+        """Replicas copy asynchronously: a failover may promote one that lacks the last 202s."""
+        with contextlib.suppress(ResponseError, TimeoutError):
+            async with asyncio.timeout(self._timeout):
+                replication = await self._client.info("replication")
+            replicas = int(replication.get("connected_slaves", 0))
+            if replicas:
+                log.info("firehose: Redis has %d replica(s); they copy asynchronously", replicas)
+                self._durability += (
+                    "; not a failover: replicas copy asynchronously, so one promoted before it"
+                    " received the last 202s does not have them"
+                )
 
     def _check_eviction(self, policy: str | None, production: bool) -> None:
         """A Redis that may evict keel's keys would drop 202'd events (or the depth counter).
