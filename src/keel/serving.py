@@ -1,11 +1,13 @@
 """A real ``keel serve <service>`` as a child process: started, probed, stopped or killed.
 
-For commands that prove a service against real processes (``keel prove …``): the server runs in
-its own session, so its process group holds uvicorn's supervisor and every worker, and
-:meth:`ServiceProcess.kill` can ``kill -9`` them all at once, as a power cut would. Readiness is
-polled against a deadline, never slept for: first ``GET /ready``, then until every worker process
-has answered a request (each writes its own Prometheus file, named after its pid, the first time
-it counts one), so a load fired afterwards really races in ``workers`` processes.
+For what proves a service against real processes (``keel prove …``, and the test suite's live
+servers, built on this): the server runs in its own session, so its process group holds
+uvicorn's supervisor and every worker, and :meth:`ServiceProcess.kill` can ``kill -9`` them all
+at once, as a power cut or the OOM killer would; every stop waits until no live process of the
+group is left. Readiness is polled against a deadline, never slept for: first ``GET /ready``,
+then until every worker process has answered a request (each writes its own Prometheus file,
+named after its pid, the first time it counts one), so a load fired afterwards really races in
+``workers`` processes.
 """
 
 from __future__ import annotations
@@ -23,25 +25,30 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 import httpx
 from prometheus_client.mmap_dict import MmapedDict
 
 POLL_SECONDS = 0.05
 _PID_FILE = re.compile(r"_(\d+)\.db$")
+# Settings a developer's shell may carry that would point a server somewhere else.
+_KEEL_SETTING = re.compile(r"^KEEL_(?!TEST_)")
 
 
 class ServerError(RuntimeError):
     """The server did not start, or did not stop, as asked."""
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(
+    condition: Callable[[], bool], timeout: float, what: str, interval: float = POLL_SECONDS
+) -> None:
     """Poll ``condition`` until it holds; raise after ``timeout`` seconds saying ``what`` lagged."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(POLL_SECONDS)
+        time.sleep(interval)
 
 
 def free_port() -> int:
@@ -52,13 +59,20 @@ def free_port() -> int:
 
 
 def keel_command() -> list[str]:
-    """``keel`` as ``python -c``: uvicorn's spawned workers re-import the parent's main *file*;
-    a ``-c`` main has none, so a worker answers its supervisor without importing the whole CLI."""
+    """``keel`` as ``python -c``: the same CLI entry point as the console script.
+
+    Not the script itself: uvicorn spawns its workers with multiprocessing's "spawn", which
+    re-imports the parent's main *file* in every worker before it can answer the supervisor's
+    health check. Through the script that file imports the whole CLI (seconds of CPU on a busy
+    two-core machine), the check times out, and the supervisor respawns the worker again and
+    again. A ``-c`` main has no file to re-import.
+    """
     return [sys.executable, "-c", "from keel.cli import app; app()"]
 
 
-def group_alive(pgid: int) -> bool:
-    """Whether any non-zombie process of group ``pgid`` is left (read from /proc)."""
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is ``pgid``, read from /proc."""
+    members = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -68,19 +82,24 @@ def group_alive(pgid: int) -> bool:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()  # comm may hold spaces and parentheses
         if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+            members.append(int(entry.name))
+    return members
 
 
 @dataclass
 class ServiceProcess:
-    """One ``keel serve <service> --workers N`` on a free local port; its log in ``workdir``."""
+    """One ``keel serve <service> --workers N`` on a free local port; its log in ``workdir``.
+
+    ``env`` is added to this process's environment, without its ``KEEL_*`` settings when
+    ``inherit_settings`` is off (a test's server must not follow the developer's shell).
+    """
 
     service: str
     database_url: str
     workdir: Path
     workers: int = 1
     env: Mapping[str, str] = field(default_factory=dict)
+    inherit_settings: bool = True
     port: int = 0
     starts: int = 0
     process: subprocess.Popen[bytes] | None = None
@@ -114,8 +133,13 @@ class ServiceProcess:
         self.starts += 1
         self.port = free_port()
         self.metrics_dir.mkdir(parents=True)
+        inherited = {
+            name: value
+            for name, value in os.environ.items()
+            if self.inherit_settings or not _KEEL_SETTING.match(name)
+        }
         env = {
-            **os.environ,
+            **inherited,
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
             "PYTHONUNBUFFERED": "1",
             **self.env,
@@ -162,9 +186,12 @@ class ServiceProcess:
         return len(self.worker_pids()) >= self.workers
 
     def worker_pids(self) -> set[int]:
-        """Pids of the processes that have served at least one request since this start."""
+        """Pids of the live processes that have served at least one request since this start."""
         found = (_PID_FILE.search(path.name) for path in self.metrics_dir.iterdir())
-        return {int(match.group(1)) for match in found if match}
+        return {int(match.group(1)) for match in found if match} & set(self.members())
+
+    def members(self) -> list[int]:
+        return [] if self.process is None else group_members(self.process.pid)
 
     def requests_served(self, method: str, route: str) -> dict[int, float]:
         """Requests each process has served on ``route`` since this start, by pid (from the
@@ -186,6 +213,24 @@ class ServiceProcess:
                     served[pid] = served.get(pid, 0.0) + value
         return served
 
+    def wait_requests_served(
+        self, method: str, route: str, before: dict[int, float], count: int, timeout: float = 10.0
+    ) -> dict[int, float]:
+        """Wait until ``count`` more requests on ``route`` are counted; return each pid's share.
+
+        A worker counts a request just after sending its reply, so a client can see the reply
+        a moment before the count moves.
+        """
+
+        def delta() -> dict[int, float]:
+            now = self.requests_served(method, route)
+            return {
+                pid: n - before.get(pid, 0.0) for pid, n in now.items() if n > before.get(pid, 0)
+            }
+
+        wait_until(lambda: sum(delta().values()) >= count, timeout, f"{count} {method} {route}")
+        return delta()
+
     def _check_alive(self) -> None:
         assert self.process is not None
         if self.process.poll() is not None:
@@ -199,15 +244,17 @@ class ServiceProcess:
         except OSError:
             return "(no log)"
 
-    def stop(self, grace: float = 20.0) -> None:
-        """SIGTERM, a graceful shutdown, and SIGKILL for whatever lingers."""
+    def stop(self, grace: float = 20.0) -> int | None:
+        """SIGTERM, a graceful shutdown, and SIGKILL for whatever lingers; the exit code."""
         if self.process is None:
-            return
+            return None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(grace)
+        code = self.process.returncode
         self.kill()
+        return code
 
     def kill(self) -> None:
         """``kill -9`` every process of the server at once, and wait until none is left."""
@@ -217,5 +264,20 @@ class ServiceProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
         self.process.wait(10)
-        wait_until(lambda: not group_alive(pgid), 10, f"every process of group {pgid} to end")
+        wait_until(lambda: not group_members(pgid), 10, f"every process of group {pgid} to end")
         self.process = None
+
+    def restart(self, timeout: float = 120.0) -> ServiceProcess:
+        self.stop()
+        return self.start(timeout)
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start() if self.process is None else self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
