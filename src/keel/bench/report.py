@@ -126,7 +126,7 @@ def _probe_table(measured: list[ProbeResult]) -> list[str]:
     if not measured:
         return []
     return [
-        "## Drains and memory",
+        "## Probes: what one wrk row cannot measure",
         "",
         "| measurement | workers | result | detail | CPU | checks | target | met? |",
         "|---|---:|---:|---|---|---|---|---|",
