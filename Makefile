@@ -30,13 +30,21 @@ format: install
 test: lint
 	$(RUN) pytest $(PYTEST_ARGS)
 
+# Every service's bench in turn, each writing bench/results/<service>.md and .png; one that fails
+# does not keep the others from running, and the target fails at the end. BENCH_ARGS go to each
+# (`make bench BENCH_SERVICES=firehose BENCH_ARGS="-s redis-drain-2m"` for one row).
 # wrk drives the load; Debian has it. Root installs it directly, anyone else through sudo.
+BENCH_SERVICES ?= ledger firehose inventory
+
 bench: install
 	@command -v wrk >/dev/null || { \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk; \
 	} || { echo "make bench needs wrk: apt-get install wrk" >&2; exit 1; }
-	$(RUN) keel bench ledger $(BENCH_ARGS)
+	@failed=""; for service in $(BENCH_SERVICES); do \
+		$(RUN) keel bench $$service $(BENCH_ARGS) || failed="$$failed $$service"; \
+	done; \
+	[ -z "$$failed" ] || { echo "make bench: failed:$$failed" >&2; exit 1; }
 
 clean:
 	rm -rf .venv .tools data .pytest_cache .mypy_cache .ruff_cache

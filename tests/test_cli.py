@@ -129,6 +129,12 @@ def test_bench_names_its_scenarios_when_given_an_unknown_one() -> None:
     assert "sqlite-post-spread" in result.output and "reference-noop" in result.output
 
 
+def test_bench_chooses_among_scenarios_and_probes() -> None:
+    result = runner.invoke(app, ["bench", "firehose", "--scenario", "nosuch"])
+    assert result.exit_code == 2
+    assert "sqlite-event" in result.output and "redis-drain-2m" in result.output
+
+
 def test_bench_settings_must_be_name_value(tmp_path: Path) -> None:
     result = runner.invoke(
         app, ["bench", "ledger", "-s", "reference-bare", "--env", "NOEQUALS", "--work-dir",

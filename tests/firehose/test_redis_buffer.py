@@ -16,7 +16,9 @@ import redis.asyncio as aioredis
 from keel.core.database import Database
 from keel.core.uuid7 import uuid7
 from keel.firehose.app import create_app
+from keel.firehose.buffers.base import StoreStatus
 from keel.firehose.buffers.redis import RedisBuffer, durability
+from keel.firehose.buffers.redis_writer import StreamKeys, StreamWriter, ensure_group
 from keel.firehose.events import EventRow
 from keel.firehose.settings import FirehoseSettings
 from tests.firehose.redis_support import (
@@ -270,3 +272,31 @@ def test_durability_in_words(
     appendonly: str | None, appendfsync: str | None, save: str | None, survives: str
 ) -> None:
     assert durability(appendonly, appendfsync, save).startswith(survives)
+
+
+async def test_the_next_batch_is_read_while_the_store_takes_one_and_flushed_on_stop(
+    database_url: str, redis_url: str, stream: str, raw_redis: aioredis.Redis, database: Database
+) -> None:
+    """Read-ahead overlaps the writer's Redis reads and decoding with the store's work; a batch
+    read ahead is stored before the writer stops, not left pending for a takeover."""
+    settings = redis_settings(database_url, redis_url, stream, flush_size=100)
+    buffer = RedisBuffer(database, settings)
+    batches = [[row(i) for i in range(100)] for _ in range(3)]
+    for rows in batches:  # three entries: three flush batches
+        assert await buffer._commit([rows]) == [None]
+    writer = StreamWriter(buffer._client, database, settings, StoreStatus())
+    await ensure_group(buffer._client, StreamKeys.of(settings), 1.0)
+    try:
+        await writer._fill()
+        await writer._flush()
+        assert writer.held == 100  # the second batch, read while the first was stored
+        assert await stream_state(raw_redis, stream) == {"entries": 2, "depth": 200, "pending": 1}
+        writer.stop()
+        await writer.run()  # flushes the batch read ahead, reads no more
+        assert await stream_state(raw_redis, stream) == {"entries": 1, "depth": 100, "pending": 0}
+        ids = [str(r.event_id) for rows in batches[:2] for r in rows]
+        assert await all_stored_once(database, ids)
+        unread = await stored(database, *(str(r.event_id) for r in batches[2]))
+        assert set(unread.values()) == {0}
+    finally:
+        await buffer.stop()

@@ -17,6 +17,7 @@ import typer
 from keel.clikit import console, prepare_metrics_dir, uvicorn_options
 
 if TYPE_CHECKING:
+    from keel.bench.probes import Probe, ProbeResult
     from keel.bench.runner import BenchOptions, ScenarioResult
     from keel.bench.scenarios import Scenario, ServiceBench
     from keel.registry import ServiceEntry
@@ -28,7 +29,7 @@ DEFAULT_POSTGRES_URL = os.environ.get(
 
 def bench_app(entries: Mapping[str, ServiceEntry]) -> typer.Typer:
     """``keel bench``, with one command for each service that declares a bench."""
-    app = typer.Typer(help="Benchmarks: `make bench` runs `keel bench ledger`.")
+    app = typer.Typer(help="Benchmarks: `make bench` runs every service's in turn.")
     for entry in entries.values():
         if entry.bench is not None:
             about = f"Measure {entry.name} with wrk, beside the reference rows."
@@ -95,7 +96,7 @@ def _service_command(entry: ServiceEntry) -> Callable[..., None]:
 
         bench = entry.load_bench()
         assert bench is not None
-        plan = _plan(bench, scenario, workers)
+        plan, probes = _plan(bench, scenario, workers)
         settings = {**bench.server_env, **_env_option(env or [])}
         wrk.wrk_path()  # fail before any set-up if the load generator is missing
         options = BenchOptions(
@@ -109,22 +110,28 @@ def _service_command(entry: ServiceEntry) -> Callable[..., None]:
             server_cpus=_cpu_option(server_cpus, "--server-cpus"),
             wrk_cpus=_cpu_option(wrk_cpus, "--wrk-cpus"),
         )
-        _run_bench(bench, plan, options, results_dir)
+        _run_bench(bench, plan, probes, options, results_dir)
 
     return bench
 
 
 def _plan(
     bench: ServiceBench, names: list[str] | None, workers: list[int] | None
-) -> list[tuple[Scenario, int]]:
-    known = bench.all_scenarios()
-    unknown = [n for n in names or [] if n not in known]
+) -> tuple[list[tuple[Scenario, int]], list[tuple[Probe, int]]]:
+    """The (scenario, workers) and (probe, workers) pairs to measure, in order."""
+    known, probes = bench.all_scenarios(), bench.all_probes()
+    unknown = [n for n in names or [] if n not in known and n not in probes]
     if unknown:
         raise typer.BadParameter(
-            f"unknown {', '.join(unknown)}; choose from {', '.join(known)}", param_hint="--scenario"
+            f"unknown {', '.join(unknown)}; choose from {', '.join([*known, *probes])}",
+            param_hint="--scenario",
         )
-    chosen = [known[n] for n in names] if names else list(known.values())
-    return [(s, w) for s in chosen for w in (workers or [s.default_workers])]
+    chosen = [known[n] for n in names if n in known] if names else list(known.values())
+    measured = [probes[n] for n in names if n in probes] if names else list(probes.values())
+    return (
+        [(s, w) for s in chosen for w in (workers or [s.default_workers])],
+        [(p, w) for p in measured for w in (workers or [p.default_workers])],
+    )
 
 
 def _env_option(pairs: list[str]) -> dict[str, str]:
@@ -151,6 +158,7 @@ def _cpu_option(text: str | None, name: str) -> frozenset[int] | None:
 def _run_bench(
     bench: ServiceBench,
     plan: list[tuple[Scenario, int]],
+    probes: list[tuple[Probe, int]],
     options: BenchOptions,
     results_dir: Path,
 ) -> None:
@@ -159,21 +167,29 @@ def _run_bench(
     from keel.bench.report import write_results
     from keel.bench.runner import needs_postgres, postgres_reachable
 
-    no_postgres = postgres_reachable(options) if needs_postgres([s for s, _ in plan]) else None
+    backends = [s.backend for s, _ in plan] + [p.backend for p, _ in probes]
+    no_postgres = postgres_reachable(options) if needs_postgres(backends) else None
     if no_postgres:
         console.print(f"[yellow]{no_postgres}: its scenarios are skipped")
     machine = describe_machine(None if no_postgres else options.postgres_url)
-    results = run_plan(bench, plan, options, no_postgres, console)
-    for path in write_results(bench, results, machine, options, results_dir):
+    results, measured = run_plan(bench, plan, probes, options, no_postgres, console)
+    for path in write_results(bench, results, machine, options, results_dir, measured):
         console.print(f"wrote {path}")
-    console.print(summary(bench.service, results))
-    _exit_on_failure(results, no_postgres)
+    console.print(summary(bench.service, results, measured))
+    _exit_on_failure(results, measured, no_postgres)
 
 
-def _exit_on_failure(results: list[ScenarioResult], no_postgres: str | None) -> None:
-    broken = [r for r in results if r.audit_ok is False or r.entries_consistent is False]
-    failed = [r for r in results if r.failure and not (no_postgres and r.failure == no_postgres)]
-    for r in failed:
-        console.print(f"[red]{r.scenario.name} ({r.workers} workers) failed: {r.failure}")
+def _exit_on_failure(
+    results: list[ScenarioResult], measured: list[ProbeResult], no_postgres: str | None
+) -> None:
+    broken = [
+        r.scenario.name for r in results if r.audit_ok is False or r.entries_consistent is False
+    ]
+    broken += [f.name for p in measured for f in p.findings if f.checks_ok is False]
+    failures = [(r.scenario.name, r.workers, r.failure) for r in results]
+    failures += [(p.probe.name, p.workers, p.failure) for p in measured]
+    failed = [f for f in failures if f[2] and not (no_postgres and f[2] == no_postgres)]
+    for name, workers, why in failed:
+        console.print(f"[red]{name} ({workers} workers) failed: {why}")
     if broken or failed:
         raise typer.Exit(1)

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from keel.bench import wrk
+from keel.bench.probes import Finding, ProbeResult
 from keel.bench.runner import BenchOptions, Run, ScenarioResult
 from keel.bench.scenarios import ServiceBench
 
@@ -95,12 +96,61 @@ def _row(result: ScenarioResult, items: str | None = None) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _finding_row(probe: ProbeResult, finding: Finding) -> str:
+    cells = [
+        finding.name,
+        str(probe.workers),
+        f"**{finding.result}**",
+        finding.detail,
+        finding.cpu,
+        _check(finding.checks_ok),
+        finding.target or "—",
+        {True: "yes", False: "**no**", None: "—"}[finding.met],
+    ]
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"
+
+
+def _probe_rows(probe: ProbeResult) -> list[str]:
+    if probe.ran:
+        return [_finding_row(probe, f) for f in probe.findings]
+    why = _cell(probe.failure or "not run")
+    return [f"| {probe.probe.name} | {probe.workers} | — | skipped: {why} | — | — | — | — |"]
+
+
+def _probe_table(measured: list[ProbeResult]) -> list[str]:
+    """The probes' own table: their results are not requests per second."""
+    if not measured:
+        return []
+    return [
+        "## Probes: what one wrk row cannot measure",
+        "",
+        "| measurement | workers | result | detail | CPU | checks | target | met? |",
+        "|---|---:|---:|---|---|---|---|---|",
+        *(row for probe in measured for row in _probe_rows(probe)),
+        "",
+        *(f"- `{p.probe.name}`: {p.probe.summary}." for p in _unique_probes(measured)),
+        "",
+    ]
+
+
+def _unique_probes(measured: list[ProbeResult]) -> list[ProbeResult]:
+    seen: dict[str, ProbeResult] = {}
+    for p in measured:
+        seen.setdefault(p.probe.name, p)
+    return list(seen.values())
+
+
 def markdown(
     bench: ServiceBench,
     results: list[ScenarioResult],
     machine: dict[str, str],
     options: BenchOptions,
     when: datetime,
+    measured: list[ProbeResult] | None = None,
 ) -> str:
     """The results page: the table of medians first, then how and where it was measured."""
     name = bench.service
@@ -140,6 +190,7 @@ def markdown(
         "",
         *(f"- `{r.scenario.name}`: {r.scenario.summary}." for r in _unique_scenarios(results)),
         "",
+        *_probe_table(measured or []),
         "## Machine",
         "",
         *(f"- {key}: {value}" for key, value in machine.items()),
@@ -241,13 +292,16 @@ def write_results(
     machine: dict[str, str],
     options: BenchOptions,
     results_dir: Path,
+    measured: list[ProbeResult] | None = None,
 ) -> list[Path]:
-    """Write ``<service>.md``, ``<service>.png`` (if matplotlib is installed) and the raw JSON."""
+    """Write ``<service>.md``, ``<service>.png`` (if matplotlib is installed) and the raw JSON.
+
+    The plot shows the wrk rows only; the probes' rates are of another kind (see the table)."""
     name = bench.service
     when = datetime.now(UTC)
     results_dir.mkdir(parents=True, exist_ok=True)
     written = [results_dir / f"{name}.md"]
-    written[0].write_text(markdown(bench, results, machine, options, when))
+    written[0].write_text(markdown(bench, results, machine, options, when, measured))
     raw = results_dir / f"{name}-{when:%Y%m%dT%H%M%S}.json"
     raw.write_text(
         json.dumps(
@@ -256,6 +310,7 @@ def write_results(
                 "machine": machine,
                 "server_env": options.server_env(),
                 "results": [r.to_json() for r in results],
+                "probes": [p.to_json() for p in measured or []],
             },
             indent=2,
         )

@@ -201,13 +201,8 @@ class _ScenarioRun:
         """Migrate the fresh database and make an admin key; the command that serves it."""
         if self.scenario.app is not None:
             return ["bench", "reference", self.scenario.app], stage.core_key(url)
-        service, log = self.bench.service, self.log
-        stage.run_keel("db", "upgrade", service, "--database-url", url, log=log)
-        key = stage.run_keel(
-            "apikey", "create", "--scope", "admin", "--service", service, "--name", "bench",
-            "--database-url", url, log=log,
-        ).strip().splitlines()[-1]  # fmt: skip
-        return ["serve", service], key
+        service = self.bench.service
+        return ["serve", service], stage.install_service(service, url, self.log)
 
     def _drive(self, server: stage.Server, key: str, url: str) -> None:
         options, result = self.options, self.result
@@ -259,5 +254,5 @@ def postgres_reachable(options: BenchOptions) -> str | None:
     return None
 
 
-def needs_postgres(scenarios: list[Scenario]) -> bool:
-    return any(s.backend is Backend.POSTGRES for s in scenarios)
+def needs_postgres(backends: list[Backend]) -> bool:
+    return Backend.POSTGRES in backends

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from keel.bench.probes import Probe
 
 
 class Backend(StrEnum):
@@ -43,7 +46,7 @@ class Scenario:
 
     def target_text(self, items: str = "items") -> str:
         if not self.has_target:
-            return "reference"
+            return "reference" if self.app is not None else "not a target"
         text = f"≥ {self.target_rps:,.0f}/s"
         if self.items_per_request > 1:
             text = f"≥ {self.target_rps * self.items_per_request:,.0f} {items}/s"
@@ -85,10 +88,14 @@ class ServiceBench:
     seeded: str = "records"  # what --seed creates, e.g. "accounts"; "" if nothing is seeded
     server_env: dict[str, str] = field(default_factory=dict)  # settings every run gets
     items: str | None = None  # what a request carries, e.g. "events": adds a column of them/s
+    probes: tuple[Probe, ...] = ()  # measurements that are not wrk rows (keel.bench.probes)
 
     def all_scenarios(self) -> dict[str, Scenario]:
         """The service's scenarios, then the reference rows, by name."""
         return {s.name: s for s in (*self.scenarios, *REFERENCES)}
+
+    def all_probes(self) -> dict[str, Probe]:
+        return {p.name: p for p in self.probes}
 
 
 REFERENCES: tuple[Scenario, ...] = (

@@ -53,6 +53,15 @@ def run_keel(*args: str, log: Path) -> str:
     return done.stdout
 
 
+def install_service(service: str, database_url: str, log: Path) -> str:
+    """Migrate a fresh database for ``service`` and make an admin key in it; returns the key."""
+    run_keel("db", "upgrade", service, "--database-url", database_url, log=log)
+    return run_keel(
+        "apikey", "create", "--scope", "admin", "--service", service, "--name", "bench",
+        "--database-url", database_url, log=log,
+    ).strip().splitlines()[-1]  # fmt: skip
+
+
 def plain_postgres_url(url: str) -> str:
     """asyncpg wants ``postgresql://``; keel also accepts ``postgresql+asyncpg://``."""
     scheme, rest = url.split("://", 1)
@@ -87,6 +96,21 @@ async def _recreate_postgres_database(admin_url: str, name: str) -> None:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
+
+
+async def _drop_postgres_database(admin_url: str, name: str) -> None:
+    conn = await asyncpg.connect(plain_postgres_url(admin_url), timeout=10)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def drop_database(database_url: str, admin_url: str) -> None:
+    """Drop a PostgreSQL database the bench made (one of millions of rows is worth the space)."""
+    name = postgres_database_name(database_url)
+    if name:
+        asyncio.run(_drop_postgres_database(admin_url, name))
 
 
 def fresh_database(backend: Backend, label: str, work_dir: Path, postgres_url: str) -> str:

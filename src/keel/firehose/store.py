@@ -162,15 +162,43 @@ def _reason(exc: BaseException) -> str:
 
 
 async def copy_rows(database: Database, rows: Sequence[EventRow]) -> None:
-    """Store ``rows`` in one transaction: COPY into a staging table, then one INSERT … SELECT.
+    """Store ``rows`` in one transaction: a COPY straight into the table, or, when some are
+    stored already, COPY into a staging table and one INSERT … SELECT … ON CONFLICT DO NOTHING.
 
     For the writers that drain a buffer into PostgreSQL (on SQLite, an executemany). Raises
     whatever the store raised; :func:`store_batch` splits batches the store refuses.
     """
-    async with database.write() as conn:
-        if database.is_sqlite:
+    if database.is_sqlite:
+        async with database.write() as conn:
             await conn.exec_driver_sql(_SQLITE_INSERT, [_sqlite_values(row) for row in rows])
-            return
+        return
+    try:
+        await _copy_straight(database, rows)
+    except Exception as exc:
+        if sqlstate_of(exc) != UNIQUE_VIOLATION:
+            raise
+        await _copy_through_staging(database, rows)
+
+
+# A buffer hands an event over twice only after a writer died between the store's commit and its
+# acknowledgement, or when a client sent it twice: rarely. So a batch is first COPied straight
+# into the table, which refuses it whole if any id is there already; only then does it go through
+# the staging table. Measured on a table of 5 M events (`keel bench firehose -s redis-drain-2m`,
+# and COPY of 5,000-event batches alone): the staging table's write and read cost PostgreSQL
+# about 3 µs an event of the 8 to 12 an event costs in all.
+UNIQUE_VIOLATION = "23505"
+
+
+async def _copy_straight(database: Database, rows: Sequence[EventRow]) -> None:
+    async with database.write() as conn:
+        raw = await conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+        # One statement, so atomic by itself: all the rows or, on a repeated id, none.
+        await driver.copy_records_to_table("firehose_events", records=rows, columns=COLUMNS)
+
+
+async def _copy_through_staging(database: Database, rows: Sequence[EventRow]) -> None:
+    async with database.write() as conn:
         # Through SQLAlchemy first: that opens the transaction the COPY then joins. Straight on
         # the driver, each statement would commit on its own, and the staging rows (ON COMMIT
         # DELETE ROWS) would be gone before the INSERT read them.

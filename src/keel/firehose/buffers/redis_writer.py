@@ -3,7 +3,9 @@
 It reads entries (each one group commit's events), gathers them until it holds ``flush_size``
 events or the oldest has waited ``flush_age_ms``, stores them with :func:`store_batch`, and only
 then acknowledges them, deleting them from the stream and lowering the depth counter in one
-script, so Redis holds only what the store does not have yet. Reads count events, not entries,
+script, so Redis holds only what the store does not have yet. While the store takes one batch,
+the writer reads and decodes the next (a backlog drains at PostgreSQL's pace, not at the sum of
+both sides'). Reads count events, not entries,
 so a writer holds about ``flush_size`` events (at most one entry more) however big entries are.
 
 Nothing blocks the stream for good: an entry that does not decode is logged and acknowledged
@@ -171,6 +173,7 @@ class StreamWriter:
         self._take_lua = client.register_script(TAKE_LUA)
         self._decode = msgspec.msgpack.Decoder(list[EventRow]).decode
         self._held: list[Entry] = []  # read and not yet acknowledged
+        self._ahead: list[Entry] = []  # the next batch, read while the store took the held one
         self.set_aside = 0  # entries that did not decode, acknowledged without being stored
         self._stored = False  # the held entries are in the store; only the ack is missing
         self._claim_every = min(max(settings.claim_idle_seconds / 2, 0.1), 5.0)
@@ -181,7 +184,7 @@ class StreamWriter:
     @property
     def held(self) -> int:
         """Events read and not yet acknowledged."""
-        return sum(len(entry.rows) for entry in self._held)
+        return sum(len(entry.rows) for entry in (*self._held, *self._ahead))
 
     def stop(self) -> None:
         """Finish the batch in hand (flush it if the store takes it), then return from run()."""
@@ -195,7 +198,7 @@ class StreamWriter:
                     await self._fill()
                 if self._held:
                     await self._flush()
-                if self._stopping.is_set():
+                if self._stopping.is_set() and not self._held:
                     return  # whatever the store did not take stays pending in Redis
                 delay = 0.05
             except (RedisError, OSError, TimeoutError) as exc:  # Redis away: retry, keep the batch
@@ -269,14 +272,16 @@ class StreamWriter:
             return 0
         return self._take(reply[0][1])
 
-    async def _take_script(self, events_wanted: int, *how: Any) -> int:
+    async def _take_script(
+        self, events_wanted: int, *how: Any, into: list[Entry] | None = None
+    ) -> int:
         """Run :data:`TAKE_LUA`; returns how many entries were taken."""
         args = [self._keys.group, self.consumer, events_wanted, MAX_ENTRIES_PER_READ, *how]
         reply: Any = await self._call(self._take_lua(keys=[self._keys.stream], args=args))
         cursor, entries = reply[0], reply[1]
         if how[0] != "new":
             self._claim_cursor = _text(cursor)
-        return self._take([(entry[0], _fields(entry[1])) for entry in entries])
+        return self._take([(entry[0], _fields(entry[1])) for entry in entries], into)
 
     async def _claim(self, events_wanted: int) -> None:
         """Take over entries pending on another consumer for over ``claim_idle_seconds``."""
@@ -288,13 +293,13 @@ class StreamWriter:
         if self._claim_cursor == "0-0":  # a full pass over the pending list: tidy consumers
             await self._reap_dead_consumers()
 
-    def _take(self, entries: list[Any]) -> int:
+    def _take(self, entries: list[Any], into: list[Entry] | None = None) -> int:
         taken = 0
-        held = {entry.id for entry in self._held}
+        held = {entry.id for entry in (*self._held, *self._ahead)}
         for entry_id, fields in entries:
             if fields is None or entry_id in held:  # deleted (never by keel), or ours already
                 continue
-            self._held.append(self._entry(entry_id, fields))
+            (self._held if into is None else into).append(self._entry(entry_id, fields))
             taken += 1
         return taken
 
@@ -324,36 +329,64 @@ class StreamWriter:
         return Entry(entry_id, rows, len(rows))
 
     async def _flush(self) -> None:
-        """Store what is held (retrying while the store is down), then acknowledge it."""
+        """Store what is held (retrying while the store is down), reading the next batch
+        meanwhile, then acknowledge what was stored."""
         rows = [row for entry in self._held for row in entry.rows]
         if not self._stored and rows:
-            delay, refusals = 0.05, 0
-            while True:
-                started = time.monotonic()
-                try:
-                    if refusals >= REFUSALS_BEFORE_DEAD_LETTERS:
-                        refused = await store_or_dead_letter(self._database, rows)
-                    else:
-                        refused = await store_batch(self._database, rows)
-                except Exception as exc:
-                    self._status.failed(exc)
-                    refusals = refusals + 1 if refused_for_good(exc) else 0
-                    log.warning("%s: store refused a batch (%r); retrying", self.consumer, exc)
-                    if self._stopping.is_set():
-                        self._held.clear()  # left pending in Redis, for another writer
-                        return
-                    await self._pause(delay)
-                    delay = min(delay * 2, STORE_RETRY_MAX_SECONDS)
-                    continue
-                self._status.flushed(len(rows), time.monotonic() - started, refused)
-                self._stored = True
-                break
+            storing = asyncio.ensure_future(self._store(rows))
+            try:
+                await self._read_ahead(storing)
+                self._stored = await storing
+            finally:
+                storing.cancel()  # only if this task itself was cancelled: it is done otherwise
+            if not self._stored:  # stopping: left pending in Redis, for another writer
+                self._held.clear()
+                self._ahead.clear()
+                return
         args: list[Any] = [self._keys.group]
         for entry in self._held:
             args += [entry.id, entry.n]
         await self._call(self._ack(keys=[self._keys.stream, self._keys.depth], args=args))
-        self._held.clear()
+        self._held, self._ahead = self._ahead, []
         self._stored = False
+
+    async def _store(self, rows: list[EventRow]) -> bool:
+        """Store ``rows``, retrying while the store is away; False if it gave up to stop."""
+        delay, refusals = 0.05, 0
+        while True:
+            started = time.monotonic()
+            try:
+                if refusals >= REFUSALS_BEFORE_DEAD_LETTERS:
+                    refused = await store_or_dead_letter(self._database, rows)
+                else:
+                    refused = await store_batch(self._database, rows)
+            except Exception as exc:
+                self._status.failed(exc)
+                refusals = refusals + 1 if refused_for_good(exc) else 0
+                log.warning("%s: store refused a batch (%r); retrying", self.consumer, exc)
+                if self._stopping.is_set():
+                    return False
+                await self._pause(delay)
+                delay = min(delay * 2, STORE_RETRY_MAX_SECONDS)
+                continue
+            self._status.flushed(len(rows), time.monotonic() - started, refused)
+            return True
+
+    async def _read_ahead(self, storing: asyncio.Future[bool]) -> None:
+        """While the store takes the held batch, take and decode the next one, so that Python's
+        share of the work overlaps PostgreSQL's instead of following it.
+
+        Never when a claim is due (the next fill must start empty to make it), nor blocking:
+        if nothing new is there, or Redis fails, the next fill waits or meets the error."""
+        while not storing.done() and not self._stopping.is_set():
+            wanted = self._settings.flush_size - sum(len(e.rows) for e in self._ahead)
+            if wanted <= 0 or time.monotonic() >= self._next_claim:
+                return
+            try:
+                if not await self._take_script(wanted, "new", into=self._ahead):
+                    return
+            except (RedisError, OSError, TimeoutError):
+                return
 
     async def _reap_dead_consumers(self) -> None:
         """Remove consumers idle for long with nothing pending (writers that are gone).
