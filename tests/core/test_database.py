@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import pytest
-from sqlalchemy.engine import Connection
 
-from keel.core.database import Database, async_url
+from keel.core.database import async_url
 
 
 @pytest.mark.parametrize(
@@ -44,36 +40,3 @@ def test_async_url_keeps_the_password() -> None:
 def test_async_url_refuses_other_databases(url: str) -> None:
     with pytest.raises(ValueError, match="unsupported database"):
         async_url(url)
-
-
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-async def test_a_write_on_a_thread_keeps_its_turn_until_the_thread_is_done(
-    database: Database,
-) -> None:
-    """A cancelled caller of run_write(on_thread=True) must not give up the writers' lock, the
-    connection or the transaction while its thread still writes: the next write would run on
-    the same connection at the same time."""
-    await database.run_write(lambda conn: conn.exec_driver_sql("CREATE TABLE t (x INTEGER)"))
-    started, release = threading.Event(), threading.Event()
-
-    def slow(conn: Connection) -> None:
-        started.set()
-        release.wait(10)
-        conn.exec_driver_sql("INSERT INTO t VALUES (1)")
-
-    first = asyncio.create_task(database.run_write(slow, on_thread=True))
-    assert await asyncio.to_thread(started.wait, 10)
-    first.cancel()
-    second = asyncio.create_task(
-        database.run_write(lambda conn: conn.exec_driver_sql("INSERT INTO t VALUES (2)"))
-    )
-    finished, _ = await asyncio.wait({first, second}, timeout=0.3)
-    assert not finished  # both wait for the thread: neither the cancel nor the next write jumps in
-    release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await first
-    await second
-    count = await database.run_write(
-        lambda conn: conn.exec_driver_sql("SELECT group_concat(x) FROM t").scalar()
-    )
-    assert count == "1,2"  # the thread's write committed, then the next one

@@ -107,14 +107,11 @@ class GroupCommitter(Generic[ItemT, ResultT]):
         timeout: float | None = None,
         weigh: Callable[[ItemT], int] | None = None,
         max_weight: int | None = None,
-        thread_weight: int | None = None,
         unavailable: type[ServiceUnavailable] = DatabaseUnavailable,
     ) -> None:
         """Either ``database`` and ``apply``, or ``commit`` with ``max_queue`` and ``timeout``.
 
         ``unavailable`` is the error a queued item gets when it waited too long to be sent.
-        A batch weighing ``thread_weight`` or more runs its SQLite transaction on a worker thread
-        (see :meth:`Database.run_write`).
         """
         if (apply is None) == (commit is None) or (apply is not None and database is None):
             raise TypeError("GroupCommitter needs database + apply, or commit")
@@ -132,7 +129,6 @@ class GroupCommitter(Generic[ItemT, ResultT]):
         # one transaction, which on SQLite runs on the event loop's thread.
         self._weigh = weigh
         self._max_weight = max_weight
-        self._thread_weight = thread_weight
         self._max_queue = max_queue
         self._timeout = timeout
         self._queue: deque[_Pending[ItemT]] = deque()
@@ -273,15 +269,10 @@ class GroupCommitter(Generic[ItemT, ResultT]):
             return await self._commit_batch(items)
         assert self._writer is not None and self._apply is not None
         apply = self._apply
-        on_thread = (
-            self._thread_weight is not None
-            and self._weigh is not None
-            and (sum(map(self._weigh, items)) >= self._thread_weight)
-        )
         attempt = 0
         while True:
             try:
-                return await self._writer.run(lambda conn: apply(conn, items), on_thread=on_thread)
+                return await self._writer.run(lambda conn: apply(conn, items))
             except Exception as exc:
                 # Rolled back so that another transaction could proceed: the batch may run again.
                 state = sqlstate_of(exc)

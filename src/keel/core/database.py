@@ -16,7 +16,6 @@ from error messages and logs, which may carry tokens or personal data.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
@@ -157,7 +156,7 @@ class Database:
         async with self._read_engine.connect() as conn:
             yield conn  # closing the connection rolls the snapshot back
 
-    async def run_write(self, work: Callable[[Connection], T], *, on_thread: bool = False) -> T:
+    async def run_write(self, work: Callable[[Connection], T]) -> T:
         """Run the synchronous ``work`` in one write transaction and return what it returns.
 
         For the hot batch paths. On PostgreSQL ``work`` runs through SQLAlchemy's greenlet bridge
@@ -167,10 +166,6 @@ class Database:
         Worker processes take turns through a file lock beside the database (the kernel hands it
         over the moment it is released, where SQLite's busy handler sleeps in coarse steps); other
         writers are waited for with ``asyncio.sleep``. Neither ever blocks the event loop.
-
-        ``on_thread`` (SQLite only) runs ``work`` and the COMMIT on a worker thread instead, for
-        batches big enough to be worth the hop: sqlite3 lets go of the GIL while it steps, so the
-        loop reads and decodes the next requests meanwhile.
         """
         if not self.is_sqlite:
             async with self.write() as conn:
@@ -178,25 +173,20 @@ class Database:
         async with self._write_lock, self._writer_turn():
             direct = self._direct_connection()
             transaction = direct.begin()  # bookkeeping only: the driver's BEGIN is ours, below
-
-            def transact() -> T:
+            try:
+                await self._begin_immediate(direct)
                 result = work(direct)
-                # COMMIT waits for fsync (synchronous=FULL) on this thread. Measured: for small
-                # batches handing it to a thread cost more in resuming the batch late than the
-                # blocked loop did; and with two worker processes one commits while the other
-                # serves HTTP.
+                # COMMIT waits for fsync (synchronous=FULL) on this thread. Measured: handing it to
+                # a thread cost more in resuming the batch late than the blocked loop did; and with
+                # two worker processes one commits while the other serves HTTP.
                 with _commit_outcome() as commit:
                     commit.send(direct)
                     transaction.commit()
-                return result
-
-            try:
-                await self._begin_immediate(direct)
-                return await _finished_on_thread(transact) if on_thread else transact()
             except BaseException:
                 if transaction.is_active:
                     transaction.rollback()
                 raise
+            return result
 
     def writer(self) -> Writer:
         """A write connection kept for one batch loop (see :class:`Writer`)."""
@@ -296,19 +286,6 @@ class Database:
         await self.engine.dispose()
 
 
-async def _finished_on_thread(call: Callable[[], T]) -> T:
-    """``call()`` on a worker thread. A cancelled caller still waits for it to end: it holds the
-    write transaction, the connection and the writers' lock, none of which may be let go sooner."""
-    running = asyncio.ensure_future(asyncio.to_thread(call))
-    try:
-        return await asyncio.shield(running)
-    except asyncio.CancelledError:
-        while not running.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({running})
-        raise
-
-
 class Writer:
     """Runs one batch loop's write transactions, keeping its connection between them.
 
@@ -326,11 +303,10 @@ class Writer:
         self._conn: AsyncConnection | None = None
         self._last_used = 0.0
 
-    async def run(self, work: Callable[[Connection], T], *, on_thread: bool = False) -> T:
-        """Run the synchronous ``work`` in one write transaction and return what it returns
-        (``on_thread``: see :meth:`Database.run_write`)."""
+    async def run(self, work: Callable[[Connection], T]) -> T:
+        """Run the synchronous ``work`` in one write transaction and return what it returns."""
         if self._database.is_sqlite:
-            return await self._database.run_write(work, on_thread=on_thread)
+            return await self._database.run_write(work)
         conn = await self._connection()
         try:
             with _commit_outcome() as commit:

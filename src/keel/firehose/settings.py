@@ -33,9 +33,6 @@ class FirehoseSettings(ServiceSettings):
     # Requests whose events one buffer transaction (group commit) carries at most, and events.
     max_batch: int = Field(default=512, ge=1)
     max_batch_events: int = Field(default=10_000, ge=1)
-    # A group commit of at least this many events writes SQLite from a worker thread, while the
-    # event loop goes on reading and decoding requests (sqlite3 lets go of the GIL as it steps).
-    commit_on_thread_events: int = Field(default=2_000, ge=1)
     # Events a process holds in memory waiting for their group commit; past it, 503 overloaded
     # (a bound on memory: 4,096 queued requests of 1 MiB each would be 4 GiB).
     ingest_queue_max_events: int = Field(default=50_000, ge=1)

@@ -38,7 +38,6 @@ class DirectBuffer(Buffer):
             max_batch=settings.max_batch,
             weigh=len,
             max_weight=settings.max_batch_events,
-            thread_weight=settings.commit_on_thread_events,
         )
 
     async def start(self) -> None:
