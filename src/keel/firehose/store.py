@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -104,9 +104,8 @@ def insert_rows(conn: Connection, rows: Sequence[EventRow]) -> None:
 
     Refused rows are dead-lettered in the same transaction, each tried under a savepoint.
     """
-    driver = conn.connection.driver_connection
-    if isinstance(driver, sqlite3.Connection):  # Database.run_write's plain connection
-        driver.executemany(_SQLITE_INSERT, [(r[0].bytes, *r[1:]) for r in rows])
+    if isinstance(conn.connection.driver_connection, sqlite3.Connection):
+        insert_sqlite_values(conn, sqlite_values(rows))  # Database.run_write's plain connection
         return
     _insert_or_split(conn, list(rows))
 
@@ -152,8 +151,16 @@ def _copy_in_transaction(driver: Any, rows: Sequence[EventRow]) -> None:
     await_only(driver.execute("DELETE FROM firehose_staging"))
 
 
-def _sqlite_values(row: EventRow) -> tuple[Any, ...]:
-    return (row.event_id.bytes, *row[1:])
+def sqlite_values(rows: Sequence[EventRow]) -> list[tuple[Any, ...]]:
+    """``rows`` as SQLite's insert takes them (the id as its 16 bytes). The direct buffer builds
+    them in the request's own task, so the writers' turn holds the lock for the insert alone."""
+    return [(row[0].bytes, *row[1:]) for row in rows]
+
+
+def insert_sqlite_values(conn: Connection, values: Iterable[tuple[Any, ...]]) -> None:
+    """Insert :func:`sqlite_values` in the caller's transaction, on a plain sqlite3 connection."""
+    driver: Any = conn.connection.driver_connection
+    driver.executemany(_SQLITE_INSERT, values)
 
 
 def _reason(exc: BaseException) -> str:
@@ -170,7 +177,7 @@ async def copy_rows(database: Database, rows: Sequence[EventRow]) -> None:
     """
     if database.is_sqlite:
         async with database.write() as conn:
-            await conn.exec_driver_sql(_SQLITE_INSERT, [_sqlite_values(row) for row in rows])
+            await conn.exec_driver_sql(_SQLITE_INSERT, sqlite_values(rows))
         return
     try:
         await _copy_straight(database, rows)

@@ -9,6 +9,8 @@ writes into ``firehose_events`` itself, and a 202 means the event is in the stor
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
+from typing import Any
 
 from sqlalchemy.engine import Connection
 
@@ -17,11 +19,16 @@ from keel.core.database import Database
 from keel.firehose.buffers.base import Buffer, BufferHealth
 from keel.firehose.events import EventRow
 from keel.firehose.settings import FirehoseSettings
-from keel.firehose.store import insert_rows
+from keel.firehose.store import insert_rows, insert_sqlite_values, sqlite_values
 
 
-def _write_events(conn: Connection, requests: list[Sequence[EventRow]]) -> list[None]:
+def _write_events(conn: Connection, requests: list[Sequence[Any]]) -> list[None]:
     insert_rows(conn, [row for rows in requests for row in rows])
+    return [None] * len(requests)
+
+
+def _write_sqlite_values(conn: Connection, requests: list[Sequence[Any]]) -> list[None]:
+    insert_sqlite_values(conn, chain.from_iterable(requests))
     return [None] * len(requests)
 
 
@@ -31,10 +38,11 @@ class DirectBuffer(Buffer):
     def __init__(self, database: Database, settings: FirehoseSettings) -> None:
         self._database = database
         self._settings = settings
-        self._committer: GroupCommitter[Sequence[EventRow], None] = GroupCommitter(
+        # On SQLite a request queues its rows as the insert's values, built in its own task.
+        self._committer: GroupCommitter[Sequence[Any], None] = GroupCommitter(
             name="firehose-ingest",
             database=database,
-            apply=_write_events,
+            apply=_write_sqlite_values if database.is_sqlite else _write_events,
             max_batch=settings.max_batch,
             weigh=len,
             max_weight=settings.max_batch_events,
@@ -44,7 +52,7 @@ class DirectBuffer(Buffer):
         self._committer.start()
 
     async def append(self, rows: Sequence[EventRow]) -> None:
-        await self._committer.submit(rows)
+        await self._committer.submit(sqlite_values(rows) if self._database.is_sqlite else rows)
 
     async def stop(self) -> None:
         await self._committer.stop()
