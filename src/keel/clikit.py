@@ -54,4 +54,7 @@ def uvicorn_options(host: str, port: int, workers: int) -> dict[str, Any]:
         # Spawned workers re-import keel before answering the supervisor; on a busy machine
         # uvicorn's default 5 s would kill and respawn them in a loop.
         "timeout_worker_healthcheck": 60,
+        # One write per response, not two (keel.core.http_protocol): imported by its path, so
+        # that `keel --help` does not load uvicorn.
+        "http": "keel.core.http_protocol:CoalescingHttpToolsProtocol",
     }
