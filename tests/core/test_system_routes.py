@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,8 +14,9 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import event as sa_event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 
+from keel.core.app import READY_CHECK_SECONDS
 from keel.core.migrate import upgrade
 from keel.ledger.registration import MIGRATIONS
 from keel.ledger.settings import LedgerSettings
@@ -188,3 +191,97 @@ async def test_a_burst_of_readiness_probes_checks_the_database_once(
         sa_event.remove(Engine, "before_cursor_execute", count)
     assert [r.status_code for r in replies] == [200] * 300
     assert 0 < checks <= 4 * 5, checks  # a few checks (one per chain each), not 300
+
+
+class StallingProxy:
+    """A TCP proxy in front of PostgreSQL that can go silent, as a dropped network link does.
+
+    :meth:`stall` swallows every byte on the connections open then (and on any opened meanwhile)
+    without closing them: a client waits for an answer that never comes. :meth:`heal` lets new
+    connections through again; the stalled ones stay lost, as connections across a partition do.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port_to = host, port
+        self.port = 0
+        self.stalled = False
+        self.swallowed = 0  # chunks a client sent into the silence
+        self._lost: list[dict[str, bool]] = []
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> StallingProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def stall(self) -> None:
+        self.stalled = True
+        for link in self._lost:
+            link["lost"] = True
+
+    def heal(self) -> None:
+        self.stalled = False
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(self.host, self.port_to)
+        self._writers += [client_w, server_w]
+        link = {"lost": self.stalled}
+        self._lost.append(link)
+
+        async def pipe(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool
+        ) -> None:
+            while data := await reader.read(65536):
+                if link["lost"]:
+                    self.swallowed += upstream
+                    continue
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        with contextlib.suppress(OSError, ConnectionError):
+            await asyncio.gather(pipe(client_r, server_w, True), pipe(server_r, client_w, False))
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_a_readiness_check_that_hangs_does_not_hold_every_later_probe(
+    database_url: str,
+) -> None:
+    """Probes share the migration check in flight. One that never returns (the database went
+    silent behind a dropped link: no error, no answer) must not be shared for ever: once the
+    database is reachable again, a later probe must answer, and say ready."""
+    url = make_url(database_url)
+    proxy = await StallingProxy(url.host or "127.0.0.1", url.port or 5432).start()
+    through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    async with _ledger(through) as client:
+        try:
+            assert (await client.get("/ready")).status_code == 200
+            proxy.stall()
+            hung = asyncio.create_task(client.get("/ready"))
+            deadline = time.monotonic() + 10
+            while not proxy.swallowed:  # the check has sent its query into the silence
+                assert time.monotonic() < deadline, "the probe never reached the database"
+                await asyncio.sleep(0.01)
+            proxy.heal()
+            deadline = time.monotonic() + 60  # pooled connections stalled too may go first
+            while True:
+                async with asyncio.timeout(READY_CHECK_SECONDS + 5):  # never answered: fails
+                    reply = await client.get("/ready")
+                if reply.status_code == 200:
+                    break
+                assert reply.json()["code"] == "not_ready"
+                assert time.monotonic() < deadline, reply.json()
+                await asyncio.sleep(0.1)
+            hung.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await hung
+        finally:
+            await proxy.close()

@@ -4,6 +4,7 @@ the bound said out loud, a killed writer's entries taken over, durability report
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import httpx
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from sqlalchemy.engine import make_url
 
 from keel.core.database import Database
 from keel.core.uuid7 import uuid7
@@ -30,6 +32,7 @@ from tests.firehose.redis_support import (
     unique_stream,
 )
 from tests.firehose.test_ingest import stored
+from tests.support.live_server import free_port
 
 
 @pytest.fixture
@@ -300,3 +303,72 @@ async def test_the_next_batch_is_read_while_the_store_takes_one_and_flushed_on_s
         assert set(unread.values()) == {0}
     finally:
         await buffer.stop()
+
+
+async def _forward(port: int, host: str, to: int) -> asyncio.Server:
+    """A plain TCP forwarder on ``port`` to ``host:to``: the store's route, up while it runs."""
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(host, to)
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        with contextlib.suppress(OSError, ConnectionError):
+            await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w))
+
+    return await asyncio.start_server(handle, "127.0.0.1", port, reuse_address=True)
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_a_batch_read_ahead_and_taken_over_is_stored_and_counted_once(
+    database_url: str, redis_url: str, stream: str, raw_redis: aioredis.Redis, database: Database
+) -> None:
+    """Writer A's store is unreachable: it holds one batch and reads the next ahead, and both
+    lie idle until writer B takes them over, stores them and acknowledges them. When A's store
+    comes back, A stores both again (the store dedupes) and acknowledges them: the depth counter
+    must not fall twice, nor any entry stay pending."""
+    url = make_url(database_url)
+    port = free_port()
+    through = url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+    a_settings = redis_settings(through, redis_url, stream, flush_size=100)
+    a_store = Database.from_settings(a_settings)
+    a = RedisBuffer(a_store, a_settings)
+    batches = [[row(i) for i in range(100)] for _ in range(4)]
+    for rows in batches:  # four entries, in before A reads: it reads one and the next ahead
+        assert await a._commit([rows]) == [None]
+    ids = [str(r.event_id) for rows in batches for r in rows]
+    await a.start()
+    b: RedisBuffer | None = None
+    route: asyncio.Server | None = None
+    try:
+
+        async def a_holds_two_batches() -> bool:
+            return a._writer.held == 200
+
+        await eventually(a_holds_two_batches, "A to hold a batch and read the next ahead")
+        b = RedisBuffer(database, redis_settings(database_url, redis_url, stream))
+        await b.start()
+        await eventually(lambda: all_stored_once(database, ids), "B to store all, A's included")
+        await eventually(lambda: drained(raw_redis, stream), "Redis to empty")
+        assert a._writer.held == 200  # A still has them, unstored, unacknowledged
+
+        route = await _forward(port, url.host or "127.0.0.1", url.port or 5432)
+
+        async def a_done() -> bool:
+            return a._writer.held == 0
+
+        await eventually(a_done, "A to store and acknowledge what it held")
+        assert await stream_state(raw_redis, stream) == {"entries": 0, "depth": 0, "pending": 0}
+        assert await all_stored_once(database, ids)
+    finally:
+        if b is not None:
+            await b.stop()
+        await a.stop()
+        await a_store.dispose()
+        if route is not None:
+            route.close()
+            await route.wait_closed()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ from keel.core.ratelimit import RateLimiter
 from keel.core.settings import ServiceSettings
 
 log = logging.getLogger("keel")
+# The longest a /ready probe waits for the migration check (probes share the one in flight).
+READY_CHECK_SECONDS = 5.0
 
 HealthProbe = Callable[[Platform], Awaitable[dict[str, Any]]]
 Workers = Callable[[Platform], AbstractAsyncContextManager[None]]
@@ -98,15 +101,31 @@ def _system_router(spec: ServiceSpec) -> APIRouter:
         return JSONResponse(body)
 
     checking: asyncio.Future[list[str]] | None = None
+    started = 0.0
+
+    async def bounded_check(plat: Platform) -> list[str]:
+        own = [spec.migrations] if spec.migrations is not None else []
+        async with asyncio.timeout(READY_CHECK_SECONDS):
+            return await pending_migrations(plat.database, own)
 
     async def pending_now(plat: Platform) -> list[str]:
         """One migration check at a time: probes that arrive while one runs share its answer, so
-        a burst of 1,000 ``/ready`` calls is one query, not 1,000 queued on the pool."""
-        nonlocal checking
-        if checking is None or checking.done():
-            own = [spec.migrations] if spec.migrations is not None else []
-            checking = asyncio.ensure_future(pending_migrations(plat.database, own))
-        return await asyncio.shield(checking)
+        a burst of 1,000 ``/ready`` calls is one query, not 1,000 queued on the pool.
+
+        Bounded by ``READY_CHECK_SECONDS``: a check the database never answers (a link gone
+        silent: no error, no reply) would otherwise hold every later probe, for as long as the
+        kernel takes to give the connection up, even once the database is back. The check times
+        itself out (ending with TimeoutError, which its waiters hear, and giving its connection
+        up); a probe that finds one older than that, still winding down, starts another.
+        """
+        nonlocal checking, started
+        now = time.monotonic()
+        if checking is None or checking.done() or now - started >= READY_CHECK_SECONDS:
+            checking, started = asyncio.ensure_future(bounded_check(plat)), now
+            # Read its outcome even when every waiter gave up, so none is logged as unretrieved.
+            checking.add_done_callback(lambda done: done.cancelled() or done.exception())
+        async with asyncio.timeout(started + READY_CHECK_SECONDS - now):  # its wind-down too
+            return await asyncio.shield(checking)
 
     @router.get(
         "/ready",

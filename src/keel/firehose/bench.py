@@ -293,9 +293,10 @@ PROBES: tuple[Probe, ...] = (
             f" batches of {BATCH_SIZE} make them) drained by `keel serve firehose` with the Redis"
             f" buffer, writers at their default settings, into a table already holding"
             f" {PREFILLED:,}; timed from the writers' first read until the stream is empty. Each"
-            " writer (one per worker process) is one connection doing COPY straight into the"
-            " table, or, when a batch holds an id stored already, into a staging table and then"
-            " INSERT … ON CONFLICT DO NOTHING. *CPU*: cores over the drain, and server, db"
+            " writer (one per worker process) is one connection doing one COPY straight into the"
+            " table a batch (through a staging table and INSERT … ON CONFLICT DO NOTHING only"
+            " when an id is stored already), reading its next batch meanwhile. *CPU*: cores over"
+            " the drain, and server, db"
             " and Redis CPU together per event"
         ),
         measure="keel.firehose.bench_drain:measure_drain",

@@ -5,8 +5,8 @@ events or the oldest has waited ``flush_age_ms``, stores them with :func:`store_
 then acknowledges them, deleting them from the stream and lowering the depth counter in one
 script, so Redis holds only what the store does not have yet. While the store takes one batch,
 the writer reads and decodes the next (a backlog drains at PostgreSQL's pace, not at the sum of
-both sides'). Reads count events, not entries,
-so a writer holds about ``flush_size`` events (at most one entry more) however big entries are.
+both sides'). Reads count events, not entries, so a writer holds about ``flush_size`` events a
+batch (at most one entry more), two batches while it reads ahead, however big entries are.
 
 Nothing blocks the stream for good: an entry that does not decode is logged and acknowledged
 (counted on ``/health``); rows the store refuses for good are dead-lettered after a few tries.
