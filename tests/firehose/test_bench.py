@@ -12,9 +12,9 @@ import pytest
 import redis
 
 from keel.bench.machine import CpuUse
-from keel.bench.probes import Finding, ProbeResult
+from keel.bench.probes import Finding, ProbeResult, run_probe
 from keel.bench.report import markdown
-from keel.bench.runner import BenchOptions, Run, ScenarioResult
+from keel.bench.runner import BenchOptions, Observer, Run, ScenarioResult
 from keel.bench.scenarios import REFERENCES, Backend
 from keel.bench.wrk import WrkResult
 from keel.firehose.bench import (
@@ -29,6 +29,7 @@ from keel.firehose.bench_drain import fill_stream
 from keel.firehose.bench_redis import stream_keys
 from keel.firehose.events import EventRow
 from keel.registry import services
+from keel.serving import free_port
 
 
 def test_a_paced_script_pauses_every_connection_between_its_requests() -> None:
@@ -162,3 +163,16 @@ async def test_the_drain_fills_its_stream_as_ingest_writes_it(redis_url: str) ->
     finally:
         client.delete(keys.stream, keys.depth)
         client.close()
+
+
+@pytest.mark.parametrize("probe", ["redis-drain-2m", "redis-sustained-batch-500"])
+def test_a_redis_probe_without_redis_is_skipped_not_failed(probe: str, tmp_path: Path) -> None:
+    """`make bench` on a machine with PostgreSQL and no Redis failed (exit 1) on these probes;
+    like the PostgreSQL rows without PostgreSQL, they are skipped and say why, before any set-up
+    (the drain's would first fill a table of 3 M rows for nothing)."""
+    closed = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    options = BenchOptions(work_dir=tmp_path, extra_env={"KEEL_REDIS_URL": closed})
+    [declared] = [p for p in BENCH.probes if p.name == probe]
+    result = run_probe(declared, 1, options, Observer())
+    assert result.skipped and not result.findings
+    assert result.failure is not None and result.failure.startswith("skipped: Redis unreachable")

@@ -187,7 +187,7 @@ def _exit_on_failure(
     ]
     broken += [f.name for p in measured for f in p.findings if f.checks_ok is False]
     failures = [(r.scenario.name, r.workers, r.failure) for r in results]
-    failures += [(p.probe.name, p.workers, p.failure) for p in measured]
+    failures += [(p.probe.name, p.workers, p.failure) for p in measured if not p.skipped]
     failed = [f for f in failures if f[2] and not (no_postgres and f[2] == no_postgres)]
     for name, workers, why in failed:
         console.print(f"[red]{name} ({workers} workers) failed: {why}")

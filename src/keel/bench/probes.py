@@ -69,6 +69,11 @@ class Probe:
         return found
 
 
+class ProbeSkipped(Exception):
+    """Raised by a probe whose service is not there (no Redis on this machine): skipped, said
+    why, as scenarios are without PostgreSQL; not a failure of the bench."""
+
+
 @dataclass
 class ProbeResult:
     probe: Probe
@@ -76,6 +81,7 @@ class ProbeResult:
     findings: list[Finding] = field(default_factory=list)
     failure: str | None = None
     log: str = ""
+    skipped: bool = False
 
     @property
     def ran(self) -> bool:
@@ -104,6 +110,8 @@ def run_probe(probe: Probe, workers: int, options: BenchOptions, observer: Obser
 
     try:
         result.findings = probe.measurer()(ProbeContext(label, workers, options, log, status))
+    except ProbeSkipped as skipped:
+        result.failure, result.skipped = f"skipped: {skipped}", True
     except Exception as exc:  # a probe owns its set-up end to end: any failure is its result
         result.failure = f"{type(exc).__name__}: {exc}"
     observer.run_finished(label, None)

@@ -34,6 +34,7 @@ from keel.firehose.bench_redis import (
     own_stream,
     pending,
     redis_pid,
+    require_redis,
     server_env,
 )
 from keel.firehose.buffers.redis_writer import StreamKeys
@@ -128,6 +129,7 @@ def measure_drain(ctx: ProbeContext) -> list[Finding]:
     """The 2 M backlog into a table of 3 M, by the server's own writers; the database is
     dropped afterwards (it holds gigabytes)."""
     options = ctx.options
+    require_redis(ctx)  # before minutes of filling a table for nothing
     ctx.status("fresh postgres database")
     url = stage.fresh_database(Backend.POSTGRES, ctx.label, options.work_dir, options.postgres_url)
     try:

@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 import redis
 
 from keel.bench.machine import CpuSample, cpu_between, sample_cpu
-from keel.bench.probes import ProbeContext, process_cpu_seconds, session_rss_bytes
+from keel.bench.probes import (
+    ProbeContext,
+    ProbeSkipped,
+    process_cpu_seconds,
+    session_rss_bytes,
+)
 from keel.firehose.buffers.redis_writer import StreamKeys
 from keel.firehose.settings import FirehoseSettings
 
@@ -47,9 +52,21 @@ def server_env(ctx: ProbeContext, keys: StreamKeys) -> dict[str, str]:
     }
 
 
+def require_redis(ctx: ProbeContext) -> None:
+    """Skip the probe, saying why, when no Redis answers (as PostgreSQL's rows are skipped)."""
+    client = redis.Redis.from_url(redis_url(ctx), socket_connect_timeout=2)
+    try:
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise ProbeSkipped(f"Redis unreachable at {redis_url(ctx)}: {exc}") from None
+    finally:
+        client.close()
+
+
 @contextmanager
 def own_stream(ctx: ProbeContext) -> Iterator[tuple[redis.Redis, StreamKeys]]:
     """A client and this run's keys, empty before and deleted after, whatever happens."""
+    require_redis(ctx)
     client = redis.Redis.from_url(redis_url(ctx))
     keys = stream_keys(ctx.label)
     try:

@@ -38,6 +38,7 @@ from keel.firehose.bench_redis import (
     own_stream,
     redis_pid,
     redis_url,
+    require_redis,
     server_env,
 )
 from keel.firehose.buffers.redis_writer import StreamKeys
@@ -179,6 +180,7 @@ def measure_sustained(ctx: ProbeContext) -> list[Finding]:
     them for as long again; the buffer, Redis's memory and the server's RSS sampled. The
     database (millions of events) is dropped afterwards."""
     options = ctx.options
+    require_redis(ctx)
     ctx.status("fresh postgres database")
     url = stage.fresh_database(Backend.POSTGRES, ctx.label, options.work_dir, options.postgres_url)
     try:
