@@ -259,3 +259,24 @@ def test_no_parameter_admits_a_null() -> None:
                 for parameter in operation.get("parameters", []):
                     schema = parameter["schema"]
                     assert {"type": "null"} not in schema.get("anyOf", []), (name, method, path)
+
+
+def test_no_integer_bound_is_lost_in_a_float() -> None:
+    """2**63 - 1 written as a bound reads back as 2**63 to any client that parses JSON numbers
+    as floats (schemathesis did): a fuzzer then sent ids: [2**63] as schema-valid, and got 422.
+    Bounds past 2**53 are written exactly: ``exclusiveMaximum: 2**63`` (see core.schemas)."""
+
+    def bounds(node: Any, where: str) -> Iterator[tuple[str, str, int]]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("maximum", "minimum", "exclusiveMaximum", "exclusiveMinimum"):
+                    yield where, key, value
+                else:
+                    yield from bounds(value, f"{where}/{key}")
+        elif isinstance(node, list):
+            for index, item in enumerate(node):
+                yield from bounds(item, f"{where}/{index}")
+
+    for name in SERVICES:
+        for where, key, value in bounds(service_app(name).openapi(), name):
+            assert abs(value) <= 2**53 or float(value) == value, (where, key, value)

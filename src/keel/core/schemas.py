@@ -23,7 +23,7 @@ def below_2_63(schema: dict[str, Any]) -> None:
 
 
 Id = Annotated[int, Field(ge=1, le=MAX_ID, strict=True, json_schema_extra=below_2_63)]
-PathId = Annotated[int, Field(ge=1, le=MAX_ID)]
+PathId = Annotated[int, Field(ge=1, lt=MAX_ID + 1)]  # lt: MAX_ID is not exact as a float
 Limit = Annotated[int, Query(ge=1, le=100, description="Page size, at most 100.")]
 # A cursor is the last id seen, 8 bytes big-endian in unpadded URL-safe base64: 11 characters,
 # the first below "g" (ids are at most 2**63 - 1) and the last carrying 2 zero bits. Every string

@@ -9,6 +9,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, Field
 
+from keel.core.schemas import MAX_ID, below_2_63
 from keel.firehose.events import BATCH_MAX_EVENTS, NO_NUL
 
 # Epoch seconds, or RFC 3339 in the years keel accepts (2000-2099, UTC or with an offset).
@@ -38,7 +39,7 @@ EVENT_SCHEMA: dict[str, Any] = {
         "user_id": {
             "anyOf": [
                 {"type": "string", "minLength": 1, "maxLength": 255, "pattern": NO_NUL},
-                {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+                {"type": "integer", "minimum": -(2**63), "exclusiveMaximum": 2**63},
             ]
         },
         "name": {
@@ -156,7 +157,7 @@ class DeadLetter(BaseModel):
 
 
 class ReplayRequest(BaseModel):
-    ids: list[Annotated[int, Field(ge=1, le=2**63 - 1)]] | None = Field(
+    ids: list[Annotated[int, Field(ge=1, le=MAX_ID, json_schema_extra=below_2_63)]] | None = Field(
         default=None, max_length=1000, description="Dead letters to replay; absent: the oldest."
     )
     limit: int = Field(default=1000, ge=1, le=1000)

@@ -43,7 +43,7 @@ from keel.inventory.settings import InventorySettings
 
 router = keel_router()
 
-PathId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+PathId = Annotated[int, Path(ge=1, lt=2**63)]  # lt: 2**63 - 1 is not exact as a float
 PurchaseCommitter = GroupCommitter[Purchase, Order | StoredResponse]
 
 

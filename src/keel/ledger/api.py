@@ -37,7 +37,7 @@ router = keel_router()
 
 # Each route lists its own problems; keel.core.openapi adds the platform's (auth, limits,
 # validation, outages, Idempotency-Key) to the documentation.
-UserId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+UserId = Annotated[int, Path(ge=1, lt=2**63)]  # lt: 2**63 - 1 is not exact as a float
 
 
 PostingCommitter = GroupCommitter[Posting, Transaction | Transfer | StoredResponse]
