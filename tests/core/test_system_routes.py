@@ -22,6 +22,7 @@ from keel.ledger.registration import MIGRATIONS
 from keel.ledger.settings import LedgerSettings
 from tests import backends
 from tests.support.apps import ledger_client
+from tests.support.cutting_proxy import StallingProxy
 
 
 @asynccontextmanager
@@ -191,64 +192,6 @@ async def test_a_burst_of_readiness_probes_checks_the_database_once(
         sa_event.remove(Engine, "before_cursor_execute", count)
     assert [r.status_code for r in replies] == [200] * 300
     assert 0 < checks <= 4 * 5, checks  # a few checks (one per chain each), not 300
-
-
-class StallingProxy:
-    """A TCP proxy in front of PostgreSQL that can go silent, as a dropped network link does.
-
-    :meth:`stall` swallows every byte on the connections open then (and on any opened meanwhile)
-    without closing them: a client waits for an answer that never comes. :meth:`heal` lets new
-    connections through again; the stalled ones stay lost, as connections across a partition do.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port_to = host, port
-        self.port = 0
-        self.stalled = False
-        self.swallowed = 0  # chunks a client sent into the silence
-        self._lost: list[dict[str, bool]] = []
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> StallingProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    def stall(self) -> None:
-        self.stalled = True
-        for link in self._lost:
-            link["lost"] = True
-
-    def heal(self) -> None:
-        self.stalled = False
-
-    async def close(self) -> None:
-        for writer in self._writers:
-            writer.transport.abort()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection(self.host, self.port_to)
-        self._writers += [client_w, server_w]
-        link = {"lost": self.stalled}
-        self._lost.append(link)
-
-        async def pipe(
-            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool
-        ) -> None:
-            while data := await reader.read(65536):
-                if link["lost"]:
-                    self.swallowed += upstream
-                    continue
-                writer.write(data)
-                await writer.drain()
-            writer.close()
-
-        with contextlib.suppress(OSError, ConnectionError):
-            await asyncio.gather(pipe(client_r, server_w, True), pipe(server_r, client_w, False))
 
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)

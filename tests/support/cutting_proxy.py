@@ -83,3 +83,45 @@ class CuttingProxy:
             await asyncio.gather(upstream(), downstream())
         for writer in (client_w, server_w):
             writer.close()
+
+
+@dataclass
+class StallingProxy(CuttingProxy):
+    """A proxy that can go silent, as a dropped network link does.
+
+    :meth:`stall` swallows every byte on the connections open then (and on any opened meanwhile)
+    without closing them: a client waits for an answer that never comes. :meth:`heal` lets new
+    connections through again; the stalled ones stay lost, as connections across a partition do.
+    """
+
+    stalled: bool = False
+    swallowed: int = 0  # chunks a client sent into the silence
+    _lost: list[dict[str, bool]] = field(default_factory=list)
+
+    def stall(self) -> None:
+        self.stalled = True
+        for link in self._lost:
+            link["lost"] = True
+
+    def heal(self) -> None:
+        self.stalled = False
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(self.target_host, self.target_port)
+        self._writers += [client_w, server_w]
+        link = {"lost": self.stalled}
+        self._lost.append(link)
+
+        async def pipe(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool
+        ) -> None:
+            while data := await reader.read(65536):
+                if link["lost"]:
+                    self.swallowed += upstream
+                    continue
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        with contextlib.suppress(OSError, ConnectionError):
+            await asyncio.gather(pipe(client_r, server_w, True), pipe(server_r, client_w, False))
