@@ -67,6 +67,9 @@ SINGLE = [
         "timestamp_out_of_range",
     ),
     ("bad rfc 3339", body(timestamp="2026-13-45T00:00:00Z"), JSON, 422, "validation_error"),
+    # PostgreSQL's text cannot hold NUL: refused at the door on every store, not dead-lettered.
+    ("nul in user_id", body(user_id="a\x00b"), JSON, 422, "validation_error"),
+    ("nul in name", body(name="\x00"), JSON, 422, "validation_error"),
     (
         "not json content type",
         body(),
@@ -173,6 +176,22 @@ async def test_invalid_utf8_in_one_event_of_a_batch_rejects_that_event(
     ]
     await drained()
     assert await stored_count(database) == before + 1
+
+
+async def test_nul_in_one_event_of_a_batch_rejects_that_event(
+    firehose: httpx.AsyncClient, database: Database, drained: Any
+) -> None:
+    before = await stored_count(database)
+    batch = [GOOD, {**GOOD, "user_id": "nul\x00"}, {**GOOD, "name": "a\x00"}, GOOD]
+    reply = await firehose.post("/events/batch", content=json.dumps(batch), headers=JSON)
+    assert reply.status_code == 202, reply.text
+    assert [(r["index"], r["code"]) for r in reply.json()["rejected"]] == [
+        (1, "validation_error"),
+        (2, "validation_error"),
+    ]
+    assert "NUL" in reply.json()["rejected"][0]["detail"]
+    await drained()
+    assert await stored_count(database) == before + 2
 
 
 async def test_ingest_needs_a_write_key(firehose_app: Any, make_key: Any) -> None:

@@ -27,14 +27,20 @@ EARLIEST_US = 946_684_800 * 1_000_000  # 2000-01-01T00:00:00Z
 LATEST_US = 4_102_444_800 * 1_000_000  # 2100-01-01T00:00:00Z
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-# No NUL: PostgreSQL text cannot hold one, so such an event could never be stored or found.
+# No NUL in user_id or name: PostgreSQL text cannot hold one, so such an event could never be
+# stored or found. The OpenAPI schema says it with this pattern; ingest checks it in
+# :func:`to_row`, because msgspec's regex per string cost 0.7 µs an event, 40 % of its decode.
 NO_NUL = "^[^\x00]*$"
-UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=NO_NUL)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
+UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 
 
-class EventIn(msgspec.Struct):
-    """One event as a client sends it (unknown fields are ignored, as collectors do)."""
+class EventIn(msgspec.Struct, gc=False):
+    """One event as a client sends it (unknown fields are ignored, as collectors do).
+
+    ``gc=False``: its fields (strings, numbers, times, a UUID, raw JSON) can never refer back to
+    it, so the cyclic collector need not track the 500 of every batch.
+    """
 
     user_id: UserId | Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
     timestamp: float | datetime  # epoch seconds or RFC 3339
@@ -119,9 +125,13 @@ def to_row(event: EventIn, received_us: int) -> EventRow:
         sent_at = _epoch_us(event.sent_at, "sent_at")
         timestamp = original + (received_us - sent_at)  # the client's clock skew, taken out
         _in_range(timestamp, "timestamp, corrected by the skew of sent_at,")
-    user_id = event.user_id
+    user_id, name = event.user_id, event.name
     if type(user_id) is not str:
         user_id = str(user_id)
+    elif "\x00" in user_id:
+        raise EventRefused(errors.InvalidRequest, "user_id may not hold NUL", ["body", "user_id"])
+    if name is not None and "\x00" in name:
+        raise EventRefused(errors.InvalidRequest, "name may not hold NUL", ["body", "name"])
     event_id = event.event_id
     if event_id is None:
         event_id = uuid7()
@@ -132,7 +142,7 @@ def to_row(event: EventIn, received_us: int) -> EventRow:
             ["body", "event_id"],
         )
     metadata = _metadata(event.metadata)
-    row = (event_id, user_id, event.name, timestamp, original, sent_at, received_us, metadata)
+    row = (event_id, user_id, name, timestamp, original, sent_at, received_us, metadata)
     return _new_row(EventRow, row)  # EventRow(*row) without the Python-level __new__
 
 
