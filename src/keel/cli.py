@@ -23,6 +23,7 @@ from keel.clikit import (
     database_url,
     pin_database_url,
     prepare_metrics_dir,
+    run_uvicorn,
     uvicorn_options,
 )
 from keel.registry import ServiceEntry, services
@@ -77,8 +78,6 @@ def _add_serving(cli: typer.Typer, entries: Mapping[str, ServiceEntry], names: t
         database_url_: DatabaseUrl = None,
     ) -> None:
         """Run one service. On SQLite its migrations run first."""
-        import uvicorn
-
         from keel.core import migrate
 
         entry = entries[str(service)]
@@ -89,7 +88,7 @@ def _add_serving(cli: typer.Typer, entries: Mapping[str, ServiceEntry], names: t
         prepare_metrics_dir(workers)
         port = port or entry.port
         console.print(f"[bold]keel {entry.name}[/] on http://{host}:{port} ({workers} worker(s))")
-        uvicorn.run(entry.app_factory, **uvicorn_options(host, port, workers))
+        run_uvicorn(entry.app_factory, host, port, workers)
 
     @cli.command()
     def run(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1") -> None:

@@ -6,6 +6,7 @@ Kept light: importing it loads typer and rich, not the apps, SQLAlchemy or Alemb
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -58,3 +59,25 @@ def uvicorn_options(host: str, port: int, workers: int) -> dict[str, Any]:
         # that `keel --help` does not load uvicorn.
         "http": "keel.core.http_protocol:CoalescingHttpToolsProtocol",
     }
+
+
+def run_uvicorn(app: str, host: str, port: int, workers: int) -> None:
+    """Serve ``app`` (``module:factory``) as keel does: in this process, or from a supervisor with
+    ``workers`` worker processes, each listening on a socket of its own (:mod:`keel.listen`)."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    from keel.listen import claim, spreads_connections
+
+    options = uvicorn_options(host, port, workers)
+    if workers == 1 or not spreads_connections():
+        uvicorn.run(app, **options)
+        return
+    config = uvicorn.Config(app, **options)  # sets up uvicorn's logging, as uvicorn.run does
+    try:
+        sock = claim(socket.AF_INET6 if ":" in host else socket.AF_INET, host, port)
+    except OSError as exc:
+        console.print(f"[red]cannot listen on {host}:{port}: {exc.strerror}[/]")
+        raise typer.Exit(1) from None
+    with sock:
+        Multiprocess(config, sockets=[sock]).run()

@@ -183,10 +183,13 @@ class ServiceProcess:
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(probe, range(4 * self.workers)))
-        return len(self.worker_pids()) >= self.workers
+        # Counted answers, not metrics files: a worker writes its files as it imports the app,
+        # before it listens, and until it listens the kernel sends its share to the others.
+        served = self.requests_served("GET", "/health")
+        return len(served.keys() & set(self.members())) >= self.workers
 
     def worker_pids(self) -> set[int]:
-        """Pids of the live processes that have served at least one request since this start."""
+        """Pids of the live worker processes (each writes its metrics from start-up on)."""
         found = (_PID_FILE.search(path.name) for path in self.metrics_dir.iterdir())
         return {int(match.group(1)) for match in found if match} & set(self.members())
 

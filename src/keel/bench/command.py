@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from keel.clikit import console, prepare_metrics_dir, uvicorn_options
+from keel.clikit import console, prepare_metrics_dir, run_uvicorn
 
 if TYPE_CHECKING:
     from keel.bench.probes import Probe, ProbeResult
@@ -45,12 +45,10 @@ def serve_reference(
     database_url: Annotated[str | None, typer.Option("--database-url")] = None,
 ) -> None:
     """Serve a reference app (keel.bench.reference) exactly as ``keel serve`` serves a service."""
-    import uvicorn
-
     if database_url:
         os.environ["KEEL_DATABASE_URL"] = database_url
     prepare_metrics_dir(workers)
-    uvicorn.run(factory, **uvicorn_options("127.0.0.1", port, workers))
+    run_uvicorn(factory, "127.0.0.1", port, workers)
 
 
 def _service_command(entry: ServiceEntry) -> Callable[..., None]:

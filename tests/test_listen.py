@@ -1,0 +1,95 @@
+"""``keel serve --workers N``: every worker listens on a socket of its own (keel.listen)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from keel.listen import WorkerSocket, bind_reuse_port, spreads_connections
+from keel.serving import keel_command
+from tests.support.live_server import LiveServer
+
+pytestmark = pytest.mark.skipif(not spreads_connections(), reason="SO_REUSEPORT balancing: Linux")
+
+CONNECTIONS = 64
+
+
+async def _open_all_then_ask(port: int) -> None:
+    """A client's pool: every connection opened first, then one request on each, kept alive."""
+    pool = [await asyncio.open_connection("127.0.0.1", port) for _ in range(CONNECTIONS)]
+    request = b"GET /health HTTP/1.1\r\nHost: keel\r\n\r\n"
+    for _reader, writer in pool:
+        writer.write(request)
+    for reader, _writer in pool:
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+        await reader.readexactly(length)
+    for _reader, writer in pool:
+        writer.close()
+
+
+def test_a_pool_of_connections_is_shared_by_every_worker(tmp_path: Path) -> None:
+    """Opened at once, a client's connections land on both workers, not all on whichever
+    woke first (with one shared socket, a waking worker accepted every connection waiting)."""
+    url = f"sqlite:///{tmp_path / 'firehose.db'}"  # keel serve migrates it
+    with LiveServer(url, tmp_path, workers=2, service="firehose").start() as server:
+        for _ in range(3):  # three pools, each checked on its own
+            before = server.requests_served("GET", "/health")
+            asyncio.run(_open_all_then_ask(server.port))
+            shares = server.wait_requests_served("GET", "/health", before, CONNECTIONS)
+            assert len(shares) == 2 and min(shares.values()) >= CONNECTIONS // 4, shares
+
+
+def test_a_worker_unpickles_a_listening_socket_of_its_own() -> None:
+    import pickle
+
+    supervisor = bind_reuse_port(socket.AF_INET, "127.0.0.1", 0)
+    with supervisor:
+        port = supervisor.getsockname()[1]
+        worker = pickle.loads(pickle.dumps(supervisor))  # what a spawned worker receives
+        with worker:
+            assert isinstance(worker, WorkerSocket)
+            assert worker.fileno() != supervisor.fileno()
+            assert worker.getsockname() == ("127.0.0.1", port)
+            worker.listen()
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                accepted, _ = worker.accept()  # the worker's socket gets the connection
+                accepted.close()
+
+
+@pytest.mark.parametrize("sharing", [False, True], ids=["plain", "port-sharing"])
+def test_a_port_in_use_is_refused_even_to_a_socket_that_would_share_it(
+    tmp_path: Path, sharing: bool
+) -> None:
+    """Another listener on the port, even one asking to share it (a second keel serve), makes
+    keel serve fail at once: it must never quietly split a port's connections with a stranger."""
+    taken = bind_reuse_port(socket.AF_INET, "127.0.0.1", 0) if sharing else socket.socket()
+    with taken:
+        if not sharing:
+            taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [*keel_command(), "serve", "firehose", "--workers", "2", "--port", str(port)]
+        command += ["--database-url", f"sqlite:///{tmp_path / 'firehose.db'}"]
+        serve = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            output, _ = serve.communicate(timeout=120)
+        finally:  # a server that started anyway: its workers too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(serve.pid, signal.SIGKILL)
+    assert serve.returncode == 1, output
+    assert b"address already in use" in output.lower()
