@@ -180,23 +180,16 @@ def sqlite_events(values: list[Any]) -> int:
 
 def insert_sqlite_values(conn: Connection, requests: Iterable[list[Any]]) -> None:
     """Insert the :func:`sqlite_values` of many requests in the caller's transaction, on a plain
-    sqlite3 connection: 100 rows a statement, each request's rows in their order.
-
-    Fewer than 100 rows left over from each request (all of them, for single events) are
-    gathered and inserted together; under 100 left at the end go row by row.
-    """
+    sqlite3 connection, 100 rows a statement, in the order submitted: the rows get their seq in
+    arrival order, and of an id sent twice the first copy is the one kept."""
     driver: Any = conn.connection.driver_connection
+    values = list(chain.from_iterable(requests))  # one pointer copy a value
     step = SQLITE_ROWS_PER_INSERT * _WIDTH
-    rest: list[Any] = []
-    for values in (*requests, rest):
-        whole = len(values) - len(values) % step
-        for start in range(0, whole, step):
-            driver.execute(_SQLITE_INSERT_MANY, values[start : start + step])
-        if values is not rest:
-            rest += values[whole:]
-    tail = len(rest) - len(rest) % step
-    if tail < len(rest):
-        driver.executemany(_SQLITE_INSERT, _rows_of(rest[tail:]))
+    whole = len(values) - len(values) % step
+    for start in range(0, whole, step):
+        driver.execute(_SQLITE_INSERT_MANY, values[start : start + step])
+    if whole < len(values):  # under 100 rows left: one statement each (two statements cached)
+        driver.executemany(_SQLITE_INSERT, _rows_of(values[whole:]))
 
 
 def _rows_of(values: list[Any]) -> Iterator[list[Any]]:
