@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pickle
 import signal
 import socket
 import subprocess
+import sys
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import pytest
 
-from keel.listen import WorkerSocket, bind_reuse_port, spreads_connections
+from keel.listen import WorkerSocket, bind_reuse_port, claimed, spreads_connections
 from keel.serving import keel_command
-from tests.support.live_server import LiveServer
+from tests.support.live_server import LiveServer, free_port
 
 pytestmark = pytest.mark.skipif(not spreads_connections(), reason="SO_REUSEPORT balancing: Linux")
 
@@ -52,21 +55,46 @@ def test_a_pool_of_connections_is_shared_by_every_worker(tmp_path: Path) -> None
             assert len(shares) == 2 and min(shares.values()) >= CONNECTIONS // 4, shares
 
 
-def test_a_worker_unpickles_a_listening_socket_of_its_own() -> None:
-    import pickle
-
+def test_a_worker_unpickles_a_socket_of_its_own() -> None:
     supervisor = bind_reuse_port(socket.AF_INET, "127.0.0.1", 0)
     with supervisor:
         port = supervisor.getsockname()[1]
-        worker = pickle.loads(pickle.dumps(supervisor))  # what a spawned worker receives
+        # What a spawned worker receives: multiprocessing pickles a plain socket as a duplicate
+        # of the same one, so this must be the subclass's own reduction.
+        worker = pickle.loads(ForkingPickler.dumps(supervisor))
         with worker:
             assert isinstance(worker, WorkerSocket)
-            assert worker.fileno() != supervisor.fileno()
+            assert os.fstat(worker.fileno()).st_ino != os.fstat(supervisor.fileno()).st_ino
             assert worker.getsockname() == ("127.0.0.1", port)
             worker.listen()
             with socket.create_connection(("127.0.0.1", port), timeout=5):
                 accepted, _ = worker.accept()  # the worker's socket gets the connection
                 accepted.close()
+
+
+def test_a_worker_that_cannot_listen_stops_the_server_instead_of_respawning() -> None:
+    """uvicorn's supervisor respawns a worker that dies, but stops on exit status 3: a worker
+    that cannot bind its socket (the port taken meanwhile) must say so and exit 3."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = f"from keel.listen import _worker_socket; _worker_socket(2, '127.0.0.1', {port})"
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+        )
+    assert done.returncode == 3, done.stderr
+    assert "cannot listen" in done.stderr and "in use" in done.stderr
+
+
+def test_a_port_another_keel_serve_is_starting_on_is_refused(tmp_path: Path) -> None:
+    """Until its workers listen, seconds after it starts, a keel serve's port looks free: a
+    second one started then must still be refused, not share the port with it."""
+    port = free_port()
+    with claimed(socket.AF_INET, "127.0.0.1", port):  # a supervisor whose workers are starting
+        output, status = _serve(port, tmp_path)
+    assert status == 1, output
+    assert b"address already in use" in output.lower()
 
 
 @pytest.mark.parametrize("sharing", [False, True], ids=["plain", "port-sharing"])
@@ -81,15 +109,25 @@ def test_a_port_in_use_is_refused_even_to_a_socket_that_would_share_it(
             taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        command = [*keel_command(), "serve", "firehose", "--workers", "2", "--port", str(port)]
-        command += ["--database-url", f"sqlite:///{tmp_path / 'firehose.db'}"]
-        serve = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            output, _ = serve.communicate(timeout=120)
-        finally:  # a server that started anyway: its workers too
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(serve.pid, signal.SIGKILL)
-    assert serve.returncode == 1, output
+        output, status = _serve(port, tmp_path)
+    assert status == 1, output
     assert b"address already in use" in output.lower()
+
+
+def _serve(port: int, tmp_path: Path) -> tuple[bytes, int | None]:
+    """``keel serve firehose --workers 2`` on ``port``: its output and exit status, or, if it
+    started serving after all, killed (with its workers) after a minute."""
+    command = [*keel_command(), "serve", "firehose", "--workers", "2", "--port", str(port)]
+    command += ["--database-url", f"sqlite:///{tmp_path / 'firehose.db'}"]
+    serve = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        output, _ = serve.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        output = b"still serving after 60 s"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(serve.pid, signal.SIGKILL)
+        serve.wait()
+    return output, serve.returncode

@@ -76,6 +76,13 @@ def _add_serving(cli: typer.Typer, entries: Mapping[str, ServiceEntry], names: t
         ] = None,
         workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
         database_url_: DatabaseUrl = None,
+        reuse_port: Annotated[
+            bool,
+            typer.Option(
+                help="Each worker listens on a socket of its own and the kernel spreads"
+                " connections evenly (Linux); --no-reuse-port: one shared socket."
+            ),
+        ] = True,
     ) -> None:
         """Run one service. On SQLite its migrations run first."""
         from keel.core import migrate
@@ -88,7 +95,7 @@ def _add_serving(cli: typer.Typer, entries: Mapping[str, ServiceEntry], names: t
         prepare_metrics_dir(workers)
         port = port or entry.port
         console.print(f"[bold]keel {entry.name}[/] on http://{host}:{port} ({workers} worker(s))")
-        run_uvicorn(entry.app_factory, host, port, workers)
+        run_uvicorn(entry.app_factory, host, port, workers, reuse_port=reuse_port)
 
     @cli.command()
     def run(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1") -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -61,23 +62,25 @@ def uvicorn_options(host: str, port: int, workers: int) -> dict[str, Any]:
     }
 
 
-def run_uvicorn(app: str, host: str, port: int, workers: int) -> None:
+def run_uvicorn(app: str, host: str, port: int, workers: int, *, reuse_port: bool = True) -> None:
     """Serve ``app`` (``module:factory``) as keel does: in this process, or from a supervisor with
-    ``workers`` worker processes, each listening on a socket of its own (:mod:`keel.listen`)."""
+    ``workers`` worker processes, each listening on a socket of its own (:mod:`keel.listen`)
+    unless ``reuse_port`` is off or the platform cannot spread connections that way."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    from keel.listen import claim, spreads_connections
+    from keel.listen import claimed, spreads_connections
 
     options = uvicorn_options(host, port, workers)
-    if workers == 1 or not spreads_connections():
+    if workers == 1 or not reuse_port or not spreads_connections():
         uvicorn.run(app, **options)
         return
     config = uvicorn.Config(app, **options)  # sets up uvicorn's logging, as uvicorn.run does
-    try:
-        sock = claim(socket.AF_INET6 if ":" in host else socket.AF_INET, host, port)
-    except OSError as exc:
-        console.print(f"[red]cannot listen on {host}:{port}: {exc.strerror}[/]")
-        raise typer.Exit(1) from None
-    with sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with ExitStack() as held:
+        try:
+            sock = held.enter_context(claimed(family, host, port))
+        except OSError as exc:
+            console.print(f"[red]cannot listen on {host}:{port}: {exc.strerror}[/]")
+            raise typer.Exit(1) from None
         Multiprocess(config, sockets=[sock]).run()

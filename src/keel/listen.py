@@ -7,27 +7,45 @@ run in three, and that run served a third less, with one core idle. Long-lived k
 connections (a load balancer's pool, a client library's) are served the same lopsided way.
 
 With ``SO_REUSEPORT`` (Linux), every worker binds the same address with a socket of its own, and
-the kernel hashes each new connection to one of them: an even share for every worker, whoever is
-busy. The supervisor binds the address first, so that a taken port fails at once and port 0
-picks one port for all; it never listens, so no connection waits on its socket. The socket it
-hands uvicorn is a :class:`WorkerSocket`, which a spawned worker unpickles as a fresh listening
+the kernel hashes each new connection to one of them: an even share for every worker. The
+supervisor claims the port first (:func:`claimed`) and binds a socket it never listens on. The
+socket it hands uvicorn is a :class:`WorkerSocket`, which a spawned worker unpickles as a fresh
 socket of its own bound to that address (not, as a plain socket would be, a duplicate of one
 shared socket).
 
-A worker that dies takes the connections queued on its socket with it (reset, as on any crash);
-the others keep theirs, and uvicorn's supervisor starts a replacement, which binds afresh.
+What it costs, and why ``keel serve --no-reuse-port`` keeps the shared socket:
+
+- A worker that exits (a crash, a kill, uvicorn's restart on ``SIGHUP``) resets the connections
+  still queued on its socket, unless ``net.ipv4.tcp_migrate_req=1`` (Linux 5.14+) moves them to
+  the others. With one shared socket, another worker would have accepted them.
+- A worker busy on a long step (a SQLite commit runs on its loop) still gets its share of new
+  connections, which wait for it; with a shared socket an idle worker would take them.
+- The kernel lets any socket of the same user join the port while keel serves it, and take a
+  share of its connections. Other users cannot. keel refuses a port that is taken when it
+  starts, but cannot keep a process of its own user out later: run it under a user of its own.
 """
 
 from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
+
+STARTUP_FAILURE = 3  # uvicorn's exit status for a worker that cannot start: it stops, not respawns
 
 
 def spreads_connections() -> bool:
     """Whether this platform balances connections over sockets sharing a port (Linux)."""
-    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+    if not sys.platform.startswith("linux") or not hasattr(socket, "SO_REUSEPORT"):
+        return False
+    with socket.socket() as sock:
+        try:  # refused in some sandboxes and old kernels (ENOPROTOOPT)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        except OSError:
+            return False
+    return True
 
 
 class WorkerSocket(socket.socket):
@@ -35,21 +53,27 @@ class WorkerSocket(socket.socket):
 
     def __reduce__(self) -> tuple[Any, ...]:
         host, port = self.getsockname()[:2]
-        return bind_reuse_port, (self.family, host, port)
+        return _worker_socket, (self.family, host, port)
 
 
-def claim(family: int, host: str, port: int) -> socket.socket:
-    """The supervisor's socket, refused (``EADDRINUSE``) if anything listens on the port already.
+@contextmanager
+def claimed(family: int, host: str, port: int) -> Iterator[socket.socket]:
+    """The supervisor's socket for ``(host, port)``, held until the block ends; ``OSError``
+    (``EADDRINUSE``) if another ``keel serve`` holds the port, or anything listens on it.
 
-    A port shared this way is open to every socket of the same user that asks for the sharing:
-    without this check, a second ``keel serve`` on the same port, of the same service or another,
-    would start and silently take a share of the first one's connections.
+    Workers listen only once they have started, seconds later. Until then the port looks free to
+    the kernel, so a second ``keel serve`` takes its turn through a lock of its own: an abstract
+    Unix socket named after the port, which the kernel gives to one process at a time and frees
+    when it exits.
     """
-    with socket.socket(family, socket.SOCK_STREAM) as probe:  # without SO_REUSEPORT
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))
-        port = probe.getsockname()[1]  # port 0: the one the kernel picked, for every worker
-    return bind_reuse_port(family, host, port)
+    with ExitStack() as stack:
+        if port:
+            lock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            lock.bind(f"\0keel-serve-port-{port}")
+            with socket.socket(family, socket.SOCK_STREAM) as probe:  # not sharing: any
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # listener refuses
+                probe.bind((host, port))
+        yield stack.enter_context(bind_reuse_port(family, host, port))
 
 
 def bind_reuse_port(family: int, host: str, port: int) -> socket.socket:
@@ -62,5 +86,14 @@ def bind_reuse_port(family: int, host: str, port: int) -> socket.socket:
     except BaseException:
         sock.close()
         raise
-    sock.set_inheritable(True)
     return sock
+
+
+def _worker_socket(family: int, host: str, port: int) -> socket.socket:
+    """What a worker unpickles: its own socket, or an exit that stops the supervisor (a worker
+    that cannot bind would fail the same way on every restart)."""
+    try:
+        return bind_reuse_port(family, host, port)
+    except OSError as exc:
+        print(f"keel worker: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        sys.exit(STARTUP_FAILURE)
