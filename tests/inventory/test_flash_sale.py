@@ -16,8 +16,7 @@ from typer.testing import CliRunner
 
 from keel.cli import app
 from keel.inventory.flash_sale import Answer, Buyer, FlashSale, SaleRecord, Shop, plan_buyers
-from keel.inventory.proof import SERVER_ENV, ProofResult, Sale, prepare_sale, run_proof
-from keel.inventory.prove import SalePlan
+from keel.inventory.proof import SERVER_ENV, ProofResult, Sale, SalePlan, prepare_sale, run_proof
 from keel.inventory.sale_audit import judge, read_sale
 from keel.serving import ServiceProcess
 from tests import backends

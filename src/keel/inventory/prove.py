@@ -6,7 +6,6 @@ Kept light (typer and rich only), since ``keel --help`` reads it; the engine is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -19,26 +18,6 @@ if TYPE_CHECKING:
     from keel.inventory.proof import ProofResult
 
 TARGET_SECONDS = 2.0  # every one of 1,000 buyers answered within this, on a small machine
-
-
-@dataclass(frozen=True)
-class SalePlan:
-    """What to prove: how many buyers, how much stock, how many servers and processes."""
-
-    buyers: int = 1000
-    stock: int = 100
-    processes: int = 4
-    servers: int = 1
-    database_url: str | None = None  # None: a fresh SQLite file in a temporary directory
-    max_per_user: int | None = None
-    users: int | None = None  # None: every buyer is a user of their own
-    with_reservations: bool = False
-    retries: bool = False
-    # Kept-alive HTTP connections across all servers, opened before the clock starts. The lean
-    # client (keel.inventory.lean_http) spends ~0.1-0.2 ms of CPU a request, so the sale measures
-    # the server; 200 keep all four processes busy, and the kernel spreads 200 more evenly over
-    # them than 1,000 (with 1,000, one process served 62 % of the purchases in a measured run).
-    connections: int = 200
 
 
 def prove(
@@ -72,7 +51,7 @@ def prove(
 ) -> None:
     """Sell one item to many buyers at once over HTTP; check from the database that it was never
     oversold or undersold; exit 1 on any violation."""
-    from keel.inventory.proof import Observer, run_proof
+    from keel.inventory.proof import Observer, SalePlan, run_proof
 
     plan = SalePlan(
         buyers, stock, processes, servers, database_url, max_per_user, users,
