@@ -10,12 +10,19 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import pytest
 
-from keel.listen import WorkerSocket, bind_reuse_port, claimed, spreads_connections
+from keel.listen import (
+    WorkerSocket,
+    bind_reuse_port,
+    claimed,
+    port_lock_path,
+    spreads_connections,
+)
 from keel.serving import keel_command
 from tests.support.live_server import LiveServer, free_port
 
@@ -87,6 +94,31 @@ def test_a_worker_that_cannot_listen_stops_the_server_instead_of_respawning() ->
     assert "cannot listen" in done.stderr and "in use" in done.stderr
 
 
+def test_a_port_taken_before_the_workers_listen_stops_keel_serve_with_status_3(
+    tmp_path: Path,
+) -> None:
+    """The supervisor's socket does not listen: in the moment before its workers do, another
+    listener may take the port. Its workers then cannot bind; uvicorn stops instead of
+    respawning them, and keel serve must exit 3 (a failed start), not 0."""
+    port = free_port()
+    lock = port_lock_path(port)
+    lock.unlink(missing_ok=True)
+    serve = _start_serve(port, tmp_path)
+    try:
+        while not lock.exists():  # made once the supervisor's socket is bound
+            assert serve.poll() is None, "keel serve exited before binding"
+            time.sleep(0.001)  # a polled condition: the window after it lasts ~0.1 s
+        with socket.socket() as taker:
+            taker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            taker.bind(("127.0.0.1", port))
+            taker.listen()
+            output, status = _finish(serve)
+    finally:
+        _kill(serve)
+    assert status == 3, output
+    assert b"cannot listen" in output
+
+
 def test_a_port_another_keel_serve_is_starting_on_is_refused(tmp_path: Path) -> None:
     """Until its workers listen, seconds after it starts, a keel serve's port looks free: a
     second one started then must still be refused, not share the port with it."""
@@ -117,17 +149,31 @@ def test_a_port_in_use_is_refused_even_to_a_socket_that_would_share_it(
 def _serve(port: int, tmp_path: Path) -> tuple[bytes, int | None]:
     """``keel serve firehose --workers 2`` on ``port``: its output and exit status, or, if it
     started serving after all, killed (with its workers) after a minute."""
+    serve = _start_serve(port, tmp_path)
+    try:
+        return _finish(serve)
+    finally:
+        _kill(serve)
+
+
+def _start_serve(port: int, tmp_path: Path) -> subprocess.Popen[bytes]:
     command = [*keel_command(), "serve", "firehose", "--workers", "2", "--port", str(port)]
     command += ["--database-url", f"sqlite:///{tmp_path / 'firehose.db'}"]
-    serve = subprocess.Popen(
+    return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
+
+
+def _finish(serve: subprocess.Popen[bytes]) -> tuple[bytes, int | None]:
     try:
         output, _ = serve.communicate(timeout=60)
     except subprocess.TimeoutExpired:
-        output = b"still serving after 60 s"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(serve.pid, signal.SIGKILL)
-        serve.wait()
+        return b"still serving after 60 s", None
     return output, serve.returncode
+
+
+def _kill(serve: subprocess.Popen[bytes]) -> None:
+    """The server and its workers, if anything is left of them."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(serve.pid, signal.SIGKILL)
+    serve.wait()

@@ -72,7 +72,8 @@ def _add_serving(cli: typer.Typer, entries: Mapping[str, ServiceEntry], names: t
         service: Annotated[names, typer.Argument(help="Which service.")],  # type: ignore[valid-type]
         host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
         port: Annotated[
-            int | None, typer.Option(help="Port; the service's own by default.")
+            int | None,
+            typer.Option(min=1, max=65535, help="Port; the service's own by default."),
         ] = None,
         workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
         database_url_: DatabaseUrl = None,

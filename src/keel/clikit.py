@@ -67,6 +67,7 @@ def run_uvicorn(app: str, host: str, port: int, workers: int, *, reuse_port: boo
     ``workers`` worker processes, each listening on a socket of its own (:mod:`keel.listen`)
     unless ``reuse_port`` is off or the platform cannot spread connections that way."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
 
     from keel.listen import claimed, spreads_connections
@@ -83,4 +84,7 @@ def run_uvicorn(app: str, host: str, port: int, workers: int, *, reuse_port: boo
         except OSError as exc:
             console.print(f"[red]cannot listen on {host}:{port}: {exc.strerror}[/]")
             raise typer.Exit(1) from None
-        Multiprocess(config, sockets=[sock]).run()
+        supervisor = Multiprocess(config, sockets=[sock])
+        supervisor.run()
+    if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
+        raise typer.Exit(STARTUP_FAILURE)  # uvicorn stopped because a worker could not start

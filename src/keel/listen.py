@@ -23,17 +23,27 @@ What it costs, and why ``keel serve --no-reuse-port`` keeps the shared socket:
 - The kernel lets any socket of the same user join the port while keel serves it, and take a
   share of its connections. Other users cannot. keel refuses a port that is taken when it
   starts, but cannot keep a process of its own user out later: run it under a user of its own.
+- The supervisor's socket never listens, so it does not hold the port while no worker listens
+  (in the moment before the first one does, or if every worker dies at once): a listener of any
+  user may take the port then. keel's workers then cannot bind, exit 3, and ``keel serve`` stops
+  with status 3 rather than share the port or respawn them forever.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import socket
+import stat
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
-STARTUP_FAILURE = 3  # uvicorn's exit status for a worker that cannot start: it stops, not respawns
+from uvicorn.config import STARTUP_FAILURE  # a worker exiting with it stops the supervisor
 
 
 def spreads_connections() -> bool:
@@ -59,21 +69,52 @@ class WorkerSocket(socket.socket):
 @contextmanager
 def claimed(family: int, host: str, port: int) -> Iterator[socket.socket]:
     """The supervisor's socket for ``(host, port)``, held until the block ends; ``OSError``
-    (``EADDRINUSE``) if another ``keel serve`` holds the port, or anything listens on it.
+    (``EADDRINUSE``) if another multi-worker ``keel serve`` of this user holds the port, or
+    anything listens on it.
 
-    Workers listen only once they have started, seconds later. Until then the port looks free to
-    the kernel, so a second ``keel serve`` takes its turn through a lock of its own: an abstract
-    Unix socket named after the port, which the kernel gives to one process at a time and frees
-    when it exits.
+    Workers listen only once they have started. Until then the port looks free to the kernel, so
+    keel servers of one user take turns through a lock file per port, in a directory only that
+    user may write (other users cannot join the port anyway: the kernel lets only sockets of
+    the same user share it).
     """
     with ExitStack() as stack:
         if port:
-            lock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            lock.bind(f"\0keel-serve-port-{port}")
             with socket.socket(family, socket.SOCK_STREAM) as probe:  # not sharing: any
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # listener refuses
                 probe.bind((host, port))
-        yield stack.enter_context(bind_reuse_port(family, host, port))
+        sock = stack.enter_context(bind_reuse_port(family, host, port))
+        stack.enter_context(_port_lock(sock.getsockname()[1]))  # port 0: the port it was given
+        yield sock
+
+
+def port_lock_path(port: int) -> Path:
+    """The lock file of ``port``: in the user's runtime directory, or a private one in /tmp."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    directory = Path(runtime, "keel-ports") if runtime else Path(tempfile.gettempdir())
+    if not runtime:
+        directory /= f"keel-ports-{os.getuid()}"
+    return directory / f"{port}.lock"
+
+
+@contextmanager
+def _port_lock(port: int) -> Iterator[None]:
+    path = port_lock_path(port)
+    directory = path.parent
+    directory.mkdir(mode=0o700, exist_ok=True)
+    found = directory.lstat()
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+        raise OSError(errno.EPERM, f"{directory} is not a private directory of this user")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel frees it when keel exits
+    except BlockingIOError:
+        os.close(fd)
+        message = f"Address already in use (another keel serve holds port {port})"
+        raise OSError(errno.EADDRINUSE, message) from None
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def bind_reuse_port(family: int, host: str, port: int) -> socket.socket:

@@ -44,13 +44,14 @@ async def test_sqlite_group_commit_stores_every_event_once_in_arrival_order(
     """SQLite's group commit inserts 100 rows a statement: every request size around that cut,
     repeats across requests and inside one statement. Seq follows the order the requests were
     submitted in, and of an id sent twice the first copy is kept."""
-    sizes = [1, 99, 100, 101, 250, 1, 1, 3, 500, 7]
+    sizes = [1, 99, 100, 101, 250, 1, 1, 3, 500, 44]  # 1,100 rows: the next starts a statement
     requests = [_rows(size) for size in sizes]
     fresh = _rows(40)
     # A client's retry of stored events (changed, to tell the copies apart), and new ones, one
-    # of them twice in one statement.
+    # of them twice within the statement of rows 1,100 to 1,199 (at 1,100 and 1,165).
     again = [row._replace(user_id="retried") for row in (*requests[4][:60], requests[2][0])]
     requests.append([fresh[3]._replace(user_id="first"), *again, *fresh])
+    assert sum(sizes) % 100 == 0 and len(requests[-1]) > 100
     await database.run_write(
         lambda conn: insert_sqlite_values(conn, [sqlite_values(rows) for rows in requests])
     )
