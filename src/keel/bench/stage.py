@@ -16,6 +16,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -111,6 +113,17 @@ def drop_database(database_url: str, admin_url: str) -> None:
     name = postgres_database_name(database_url)
     if name:
         asyncio.run(_drop_postgres_database(admin_url, name))
+
+
+@contextmanager
+def scratch_postgres(label: str, work_dir: Path, postgres_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for one probe, dropped when the block ends, however it ends
+    (a probe's millions of rows are worth the space)."""
+    url = fresh_database(Backend.POSTGRES, label, work_dir, postgres_url)
+    try:
+        yield url
+    finally:
+        drop_database(url, postgres_url)
 
 
 def fresh_database(backend: Backend, label: str, work_dir: Path, postgres_url: str) -> str:

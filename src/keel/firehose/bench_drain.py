@@ -17,7 +17,6 @@ import redis
 
 from keel.bench import stage
 from keel.bench.probes import Finding, ProbeContext
-from keel.bench.scenarios import Backend
 from keel.core.uuid7 import uuid7_batch
 from keel.firehose.bench import (
     DRAIN_EVENTS,
@@ -131,11 +130,8 @@ def measure_drain(ctx: ProbeContext) -> list[Finding]:
     options = ctx.options
     require_redis(ctx)  # before minutes of filling a table for nothing
     ctx.status("fresh postgres database")
-    url = stage.fresh_database(Backend.POSTGRES, ctx.label, options.work_dir, options.postgres_url)
-    try:
+    with stage.scratch_postgres(ctx.label, options.work_dir, options.postgres_url) as url:
         return _drain(ctx, url)
-    finally:
-        stage.drop_database(url, options.postgres_url)
 
 
 def _drain(ctx: ProbeContext, url: str) -> list[Finding]:

@@ -21,7 +21,6 @@ import redis
 
 from keel.bench import stage, wrk
 from keel.bench.probes import Finding, ProbeContext
-from keel.bench.scenarios import Backend
 from keel.firehose.bench import (
     BATCH_SIZE,
     RSS_TARGET_MB,
@@ -182,11 +181,8 @@ def measure_sustained(ctx: ProbeContext) -> list[Finding]:
     options = ctx.options
     require_redis(ctx)
     ctx.status("fresh postgres database")
-    url = stage.fresh_database(Backend.POSTGRES, ctx.label, options.work_dir, options.postgres_url)
-    try:
+    with stage.scratch_postgres(ctx.label, options.work_dir, options.postgres_url) as url:
         return _sustain(ctx, url)
-    finally:
-        stage.drop_database(url, options.postgres_url)
 
 
 def _sustain(ctx: ProbeContext, url: str) -> list[Finding]:
