@@ -75,6 +75,22 @@ async def test_replay_stores_what_the_store_now_takes(
     assert reply.json() == {"replayed": 0}
 
 
+@pytest.mark.parametrize(
+    "body",
+    [{"limit": True}, {"limit": 1.0}, {"limit": "5"}, {"ids": [True]}, {"ids": ["1"]}],
+    ids=["limit-true", "limit-float", "limit-string", "id-true", "id-string"],
+)
+async def test_replay_refuses_what_is_not_an_integer(
+    firehose: httpx.AsyncClient, database: Database, body: dict[str, Any]
+) -> None:
+    """JSON true is not 1, nor "1" an id: the schema says integer (found by the fuzzer)."""
+    row = valid_row("not-replayed")
+    await dead_letter(database, row, "08006: connection lost (simulated transient refusal)")
+    reply = await firehose.post("/dead-letters/replay", json=body)
+    assert (reply.status_code, reply.json()["code"]) == (422, "validation_error"), reply.text
+    assert [d for d in await all_dead_letters(firehose) if d["event_id"] == str(row.event_id)]
+
+
 async def test_replay_needs_an_admin_key(firehose_app: Any, make_key: Any) -> None:
     from keel.core.auth import Scope
 

@@ -4,12 +4,12 @@ models describe the same rules to OpenAPI, and shape what the read routes return
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
-from keel.core.schemas import MAX_ID, below_2_63
+from keel.core.schemas import Id
 from keel.firehose.events import BATCH_MAX_EVENTS, NO_NUL
 
 # Epoch seconds, or RFC 3339 in the years keel accepts (2000-2099, UTC or with an offset).
@@ -157,10 +157,11 @@ class DeadLetter(BaseModel):
 
 
 class ReplayRequest(BaseModel):
-    ids: list[Annotated[int, Field(ge=1, le=MAX_ID, json_schema_extra=below_2_63)]] | None = Field(
+    # Strict integers: JSON true is not 1, nor "1" an id, as the schema says.
+    ids: list[Id] | None = Field(
         default=None, max_length=1000, description="Dead letters to replay; absent: the oldest."
     )
-    limit: int = Field(default=1000, ge=1, le=1000)
+    limit: StrictInt = Field(default=1000, ge=1, le=1000)
 
 
 class ReplayResult(BaseModel):
