@@ -205,13 +205,12 @@ async def copy_rows(database: Database, rows: Sequence[EventRow]) -> None:
     """Store ``rows`` in one transaction: a COPY straight into the table, or, when some are
     stored already, COPY into a staging table and one INSERT … SELECT … ON CONFLICT DO NOTHING.
 
-    For the writers that drain a buffer into PostgreSQL (on SQLite, an executemany). Raises
-    whatever the store raised; :func:`store_batch` splits batches the store refuses.
+    For the writers that drain a buffer into PostgreSQL (on SQLite, the direct buffer's insert).
+    Raises whatever the store raised; :func:`store_batch` splits batches the store refuses.
     """
     if database.is_sqlite:
-        async with database.write() as conn:
-            rows_values = [(row[0].bytes, *row[1:]) for row in rows]
-            await conn.exec_driver_sql(_SQLITE_INSERT, rows_values)
+        values = sqlite_values(rows)
+        await database.run_write(lambda conn: insert_sqlite_values(conn, [values]))
         return
     try:
         await _copy_straight(database, rows)
